@@ -1,0 +1,213 @@
+"""create_app(config): services, middlewares, the route table, SIGHUP reload.
+
+The whole HTTP surface is on one screen in _routes(); resources are opened
+before the app starts and closed in its cleanup context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urljoin
+
+from aiohttp import web
+from packaging.utils import NormalizedName
+
+from . import __version__, web_admin, web_ops, web_simple, web_upload
+from .auth import Authenticator
+from .cache import ArtifactCache, PageCache
+from .config import Config, ConfigError, load_config
+from .errors import ProxyError, Unauthorized
+from .guard import CollisionLedger
+from .index import Index
+from .metrics import Metrics
+from .publish import Publisher
+from .state import AUTH, CONFIG, INDEX, METRICS, PUBLISHER, STORE, LiveConfig
+from .store import PrivateStore
+from .upstream import UpstreamClient
+
+log = logging.getLogger("indexguard")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# The scope each named route needs; routes not listed are open (health, metrics).
+ROUTE_SCOPES = {"simple": "read", "files": "read", "upload": "write", "admin": "admin"}
+
+
+def _routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/simple/", web_simple.root, name="simple")
+    r.add_get("/simple/{project}/", web_simple.project, name="simple-project")
+    r.add_get("/simple/{project}", web_simple.project_no_slash, name="simple-redirect")
+    r.add_get("/files/{project}/{filename}", web_simple.dist_file, name="files")
+    r.add_post("/", web_upload.upload, name="upload")
+    r.add_post("/legacy/", web_upload.upload, name="upload-legacy")
+    r.add_get("/", web_ops.landing, name="landing")
+    r.add_get("/-/health", web_ops.health, name="health")
+    r.add_get("/metrics", web_ops.metrics, name="metrics")
+    r.add_get("/-/guard", web_admin.guard_report, name="admin")
+    r.add_post("/-/yank/{project}/{version}", web_admin.yank, name="admin-yank")
+    r.add_post("/-/unyank/{project}/{version}", web_admin.unyank, name="admin-unyank")
+    r.add_delete("/-/files/{project}/{filename}", web_admin.delete_file, name="admin-delete")
+    r.add_delete("/-/projects/{project}", web_admin.release, name="admin-release")
+
+
+def _scope_for(request: web.Request) -> str | None:
+    route = request.match_info.route.name or ""
+    for prefix, scope in ROUTE_SCOPES.items():
+        if route == prefix or route.startswith(prefix + "-"):
+            return scope
+    return None
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        headers = {}
+        if isinstance(exc, Unauthorized):
+            realm = request.app[CONFIG].current.auth.realm
+            headers["WWW-Authenticate"] = f'Basic realm="{realm}"'
+        return web.Response(
+            status=exc.status, reason=exc.reason, text=exc.reason + "\n", headers=headers,
+        )
+    except (web.HTTPException, asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path, "method": request.method})
+        return web.Response(status=500, text="Internal server error\n")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    config = request.app[CONFIG].current
+    authenticator = request.app[AUTH]
+    scope = _scope_for(request)
+    if scope is None:
+        return await handler(request)
+    try:
+        identity = authenticator.identify(
+            request.headers.get("Authorization"), config.auth, request.remote or "-",
+            dt.date.today(),
+        )
+        authenticator.require(identity, scope, config.auth)
+    except ProxyError as exc:
+        request.app[METRICS].auth_failures.labels(_auth_reason(exc)).inc()
+        raise
+    request["token_name"] = identity.name
+    return await handler(request)
+
+
+def _auth_reason(exc: ProxyError) -> str:
+    if exc.status == 429:
+        return "rate_limited"
+    if exc.status == 403:
+        return "scope"
+    if "expired" in exc.reason:
+        return "expired"
+    return "missing" if "required" in exc.reason else "invalid"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    route = request.match_info.route.resource
+    label = route.canonical if route is not None else "unmatched"
+    metrics = request.app[METRICS]
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.requests.labels(label, request.method, str(status)).inc()
+        metrics.request_latency.labels(label).observe(time.monotonic() - started)
+
+
+def _reload(app: web.Application) -> None:
+    live = app[CONFIG]
+    try:
+        new = load_config(live.path)
+    except ConfigError as exc:
+        log.error("config reload refused; keeping the running config",
+                  extra={"problems": exc.problems})
+        return
+    old = live.current
+    for key in ("listen", "data_dir", "workers"):
+        if getattr(new, key) != getattr(old, key):
+            log.warning("config change needs a restart", extra={"key": key})
+    logging.getLogger().setLevel(new.log.level.upper())
+    live.current = new
+    log.info("config reloaded", extra={"forward": new.upstream.forward,
+                                       "tokens": len(new.auth.tokens)})
+
+
+async def _on_startup(app: web.Application) -> None:
+    loop = asyncio.get_running_loop()
+    # Not possible outside the main thread (in-process tests): no reload there.
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, _reload, app)
+
+
+def upstream_probe(upstream: UpstreamClient) -> Callable[[NormalizedName, Config],
+                                                        Awaitable[bool]]:
+    async def has(name: NormalizedName, config: Config) -> bool:
+        resp = await upstream.fetch_page(
+            urljoin(config.upstream.url, f"{name}/"), config.upstream.timeout
+        )
+        return resp.outcome in ("ok", "not_modified")
+    return has
+
+
+async def create_app(config: Config, config_path: str | None = None) -> web.Application:
+    """Open the stores (off the loop) and assemble the application."""
+    data = config.data_dir
+    metrics = Metrics()
+    store = PrivateStore(data / "private", data / "tmp")
+    swept = await asyncio.to_thread(store.open)
+    artifacts = ArtifactCache(data / "cache" / "files", data / "tmp", config.cache.max_bytes,
+                              metrics)
+    await asyncio.to_thread(artifacts.open)
+    pages = await asyncio.to_thread(PageCache, data / "cache" / "pages")
+    upstream = UpstreamClient(metrics, f"indexguard/{__version__}")
+    index = Index(store, pages, artifacts, upstream, CollisionLedger(), metrics,
+                  config.cache.memory_pages)
+    publisher = Publisher(store, metrics, upstream_probe(upstream))
+    if swept:
+        log.info("removed temp files left by an earlier crash", extra={"count": swept})
+
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        client_max_size=1024**2,
+    )
+    app[CONFIG] = LiveConfig(config, config_path)
+    app[METRICS] = metrics
+    app[STORE] = store
+    app[INDEX] = index
+    app[PUBLISHER] = publisher
+    app[AUTH] = Authenticator()
+
+    async def resources(_app: web.Application) -> AsyncIterator[None]:
+        await upstream.start()
+        yield
+        # In-flight cache fills finish within the shutdown grace period.
+        try:
+            await asyncio.wait_for(artifacts.drain(), timeout=10)
+        except TimeoutError:
+            log.warning("cache downloads cut off at shutdown")
+        await upstream.close()
+        await asyncio.to_thread(pages.close)
+
+    app.cleanup_ctx.append(resources)
+    app.on_startup.append(_on_startup)
+    _routes(app)
+    return app

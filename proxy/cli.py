@@ -1,0 +1,182 @@
+"""Command line: `indexguard serve | check-config | token new`.
+
+Precedence for serve: flags > config file > embedded default. A bad config is
+refused before anything listens (exit 2, every problem listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from . import __version__
+from .app import create_app
+from .auth import hash_secret, new_secret
+from .config import SCOPES, Config, ConfigError, Listen, load_config
+from .logs import AccessLogger, setup_logging
+
+log = logging.getLogger("indexguard")
+EXIT_CONFIG = 2
+SHUTDOWN_GRACE = 30.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="indexguard", description=__doc__)
+    p.add_argument("--version", action="version", version=f"indexguard {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", help="YAML config file (default: the embedded default)")
+    s.add_argument("--host", help="override listen.host")
+    s.add_argument("--port", type=int, help="override listen.port")
+    c = sub.add_parser("check-config", help="validate a config file; exit 2 on problems")
+    c.add_argument("file")
+    t = sub.add_parser("token", help="manage tokens")
+    tsub = t.add_subparsers(dest="token_command", required=True)
+    n = tsub.add_parser("new", help="print a new secret and its YAML entry")
+    n.add_argument("--name", required=True)
+    n.add_argument("--scopes", default="read", help=f"comma-separated: {','.join(SCOPES)}")
+    n.add_argument("--expires", help="YYYY-MM-DD")
+    return p
+
+
+def _print_problems(exc: ConfigError) -> int:
+    print("config has problems:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return _print_problems(exc)
+    print(f"{path}: ok (listen {config.listen.host}:{config.listen.port}, "
+          f"forward {config.upstream.forward}, {len(config.auth.tokens)} token(s))")
+    return 0
+
+
+def token_new(name: str, scopes_text: str, expires: str | None) -> int:
+    scopes = [s.strip() for s in scopes_text.split(",") if s.strip()]
+    bad = [s for s in scopes if s not in SCOPES] or ([] if scopes else ["(none)"])
+    if bad:
+        print(f"--scopes: unknown {', '.join(bad)}; use {','.join(SCOPES)}", file=sys.stderr)
+        return EXIT_CONFIG
+    if expires is not None:
+        try:
+            dt.date.fromisoformat(expires)
+        except ValueError:
+            print(f"--expires: expected YYYY-MM-DD, got {expires!r}", file=sys.stderr)
+            return EXIT_CONFIG
+    secret = new_secret()
+    print(f"# secret for {name} (shown once; store it in your CI's secret store):")
+    print(f"#   {secret}")
+    print("# add under auth.tokens in the config, then reload with SIGHUP:")
+    print(f"- name: {name}")
+    print(f"  sha256: {hash_secret(secret)}")
+    print(f"  scopes: [{', '.join(scopes)}]")
+    if expires:
+        print(f"  expires: {expires}")
+    return 0
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    # uvloop's faster transports roughly double small-response throughput.
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _run_worker(config: Config, path: str | None, reuse_port: bool) -> None:
+    _install_uvloop()
+    access = logging.getLogger("indexguard.access") if config.log.access_log else None
+    web.run_app(
+        create_app(config, path),
+        host=config.listen.host, port=config.listen.port,
+        access_log=access, access_log_class=AccessLogger,
+        shutdown_timeout=SHUTDOWN_GRACE, reuse_port=reuse_port or None,
+        backlog=2048, print=None, handle_signals=True,
+    )
+
+
+def _supervise(config: Config, path: str | None, workers: int) -> int:
+    """Fork workers sharing the port (SO_REUSEPORT); forward SIGTERM/SIGHUP to them."""
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _run_worker(config, path, reuse_port=True)
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
+    status = 0
+    for child in children:
+        while True:
+            try:
+                _pid, code = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        status = status or os.waitstatus_to_exitcode(code)
+    return status
+
+
+def serve(path: str | None, host: str | None, port: int | None) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return _print_problems(exc)
+    if host is not None or port is not None:
+        config = dataclasses.replace(config, listen=Listen(
+            host=host if host is not None else config.listen.host,
+            port=port if port is not None else config.listen.port,
+        ))
+    setup_logging(config.log.level)
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"data_dir: cannot create {config.data_dir}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    log.info("starting", extra={
+        "version": __version__, "config": config.source,
+        "listen": f"{config.listen.host}:{config.listen.port}",
+        "upstream": config.upstream.url, "forward": config.upstream.forward,
+        "data_dir": str(config.data_dir.resolve()), "workers": config.worker_count,
+    })
+    if config.worker_count > 1:
+        return _supervise(config, path, config.worker_count)
+    _run_worker(config, path, reuse_port=False)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args.config, args.host, args.port)
+    if args.command == "check-config":
+        return check_config(args.file)
+    if args.command == "token" and args.token_command == "new":
+        return token_new(args.name, args.scopes, args.expires)
+    return EXIT_CONFIG

@@ -1,0 +1,375 @@
+"""YAML configuration -> frozen dataclasses; every problem reported as "key.path: what".
+
+Unknown keys are errors. No I/O beyond reading the one file; nothing global.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+SCOPES = ("read", "write", "admin")
+COLLISION_POLICIES = ("reject", "warn", "allow")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+PUBLIC_PYPI = "https://pypi.org/simple/"
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(Exception):
+    """Every problem found, each as 'key.path: what is wrong'."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    url: str = PUBLIC_PYPI
+    forward: bool = True
+    index_ttl: float = 600.0
+    negative_ttl: float = 60.0
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Cache:
+    max_bytes: int = 20 * 2**30
+    memory_pages: int = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_upload: int = 5 * 2**30
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    name: str
+    sha256: str
+    scopes: frozenset[str]
+    expires: dt.date | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    anonymous_read: bool = True
+    realm: str = "indexguard"
+    tokens: tuple[Token, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    private_only: tuple[str, ...] = ()
+    upload_collision: str = "warn"
+    allow_shadow: tuple[str, ...] = ()
+    min_age: float | None = None
+    min_age_exempt: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: str = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen = field(default_factory=Listen)
+    workers: int = 1
+    data_dir: Path = Path("./data")
+    upstream: Upstream = field(default_factory=Upstream)
+    cache: Cache = field(default_factory=Cache)
+    limits: Limits = field(default_factory=Limits)
+    auth: Auth = field(default_factory=Auth)
+    guard: Guard = field(default_factory=Guard)
+    log: Log = field(default_factory=Log)
+    source: str = "<embedded default>"
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+
+def parse_size(value: object) -> int:
+    """'20GiB' -> bytes. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 20GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    m = _NUMBER_UNIT.match(str(value))
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 512MiB or 20GiB, got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: object) -> float:
+    """'3d' -> seconds. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s or 3d")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    m = _NUMBER_UNIT.match(str(value))
+    if not m or m.group(2).lower() not in _DURATION_UNITS:
+        raise ValueError(f"expected a duration such as 30s, 10m or 3d, got {value!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks a mapping, converts values, and collects every problem with its path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+    def section(self, data: Mapping[str, Any], path: str, known: set[str]) -> Mapping[str, Any]:
+        if not isinstance(data, Mapping):
+            self.problems.append(f"{path}: expected a mapping, got {type(data).__name__}")
+            return {}
+        for key in data:
+            if key not in known:
+                where = f"{path}.{key}" if path else str(key)
+                self.problems.append(f"{where}: unknown key")
+        return data
+
+    def get(
+        self, data: Mapping[str, Any], path: str, key: str, default: T,
+        convert: Callable[[Any], T],
+    ) -> T:
+        if key not in data:
+            return default
+        try:
+            return convert(data[key])
+        except (ValueError, TypeError) as exc:
+            self.problems.append(f"{path}{key}: {exc}")
+            return default
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"expected an integer from {lo} to {hi}, got {value!r}")
+        return value
+    return convert
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def _str_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("expected a list of strings")
+    return tuple(value)
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return str(value)
+    return convert
+
+
+def _url(value: Any) -> str:
+    text = _str(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return text if text.endswith("/") else text + "/"
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+def _optional_duration(value: Any) -> float | None:
+    return None if value is None else _positive_duration(value)
+
+
+def _tokens(r: _Reader, raw: Any) -> tuple[Token, ...]:
+    if not isinstance(raw, list):
+        r.problems.append("auth.tokens: expected a list")
+        return ()
+    tokens: list[Token] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        path = f"auth.tokens[{i}]."
+        entry = r.section(item, f"auth.tokens[{i}]", {"name", "sha256", "scopes", "expires"})
+        if not entry:
+            continue
+        name = r.get(entry, path, "name", "", _str)
+        digest = r.get(entry, path, "sha256", "", _sha256_hex)
+        scopes = r.get(entry, path, "scopes", frozenset[str](), _scopes)
+        expires = r.get(entry, path, "expires", None, _date)
+        for key in ("name", "sha256", "scopes"):
+            if key not in entry:
+                r.problems.append(f"{path}{key}: required")
+        if name in seen or name == "__token__":
+            r.problems.append(f"{path}name: {name!r} is reserved or used twice")
+        seen.add(name)
+        if name and digest and scopes:
+            tokens.append(Token(name=name, sha256=digest, scopes=scopes, expires=expires))
+    return tuple(tokens)
+
+
+def _sha256_hex(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise ValueError("expected the 64-digit hex sha256 of the secret")
+    return value.lower()
+
+
+def _scopes(value: Any) -> frozenset[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items:
+        raise ValueError(f"expected a list of scopes from {', '.join(SCOPES)}")
+    scopes = frozenset(str(s).strip() for s in items)
+    unknown = scopes - set(SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scope(s) {', '.join(sorted(unknown))}; use {', '.join(SCOPES)}")
+    return scopes
+
+
+def _date(value: Any) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"expected a date YYYY-MM-DD, got {value!r}") from None
+
+
+def build_config(raw: Any, source: str = "<embedded default>") -> Config:
+    """Validate a parsed YAML document. Raises ConfigError listing every problem."""
+    problems: list[str] = []
+    r = _Reader(problems)
+    if raw is None:
+        raw = {}
+    top = r.section(raw, "", {
+        "listen", "workers", "data_dir", "upstream", "cache", "limits", "auth", "guard", "log",
+    })
+    d = Config()
+
+    s = r.section(top.get("listen", {}), "listen", {"host", "port"})
+    listen = Listen(
+        host=r.get(s, "listen.", "host", d.listen.host, _str),
+        port=r.get(s, "listen.", "port", d.listen.port, _int_range(0, 65535)),
+    )
+    s = r.section(top.get("upstream", {}), "upstream",
+                  {"url", "forward", "index_ttl", "negative_ttl", "timeout"})
+    upstream = Upstream(
+        url=r.get(s, "upstream.", "url", d.upstream.url, _url),
+        forward=r.get(s, "upstream.", "forward", d.upstream.forward, _bool),
+        index_ttl=r.get(s, "upstream.", "index_ttl", d.upstream.index_ttl, parse_duration),
+        negative_ttl=r.get(s, "upstream.", "negative_ttl", d.upstream.negative_ttl,
+                           parse_duration),
+        timeout=r.get(s, "upstream.", "timeout", d.upstream.timeout, _positive_duration),
+    )
+    s = r.section(top.get("cache", {}), "cache", {"max_bytes", "memory_pages"})
+    cache = Cache(
+        max_bytes=r.get(s, "cache.", "max_bytes", d.cache.max_bytes, parse_size),
+        memory_pages=r.get(s, "cache.", "memory_pages", d.cache.memory_pages,
+                           _int_range(0, 1_000_000)),
+    )
+    s = r.section(top.get("limits", {}), "limits", {"max_upload"})
+    limits = Limits(max_upload=r.get(s, "limits.", "max_upload", d.limits.max_upload, parse_size))
+    s = r.section(top.get("auth", {}), "auth", {"anonymous_read", "realm", "tokens"})
+    auth = Auth(
+        anonymous_read=r.get(s, "auth.", "anonymous_read", d.auth.anonymous_read, _bool),
+        realm=r.get(s, "auth.", "realm", d.auth.realm, _realm),
+        tokens=_tokens(r, s["tokens"]) if "tokens" in s and s["tokens"] is not None else (),
+    )
+    s = r.section(top.get("guard", {}), "guard", {
+        "private_only", "upload_collision", "allow_shadow", "min_age", "min_age_exempt",
+    })
+    guard = Guard(
+        private_only=r.get(s, "guard.", "private_only", (), _str_list),
+        upload_collision=r.get(s, "guard.", "upload_collision", d.guard.upload_collision,
+                               _choice(COLLISION_POLICIES)),
+        allow_shadow=r.get(s, "guard.", "allow_shadow", (), _str_list),
+        min_age=r.get(s, "guard.", "min_age", None, _optional_duration),
+        min_age_exempt=r.get(s, "guard.", "min_age_exempt", (), _str_list),
+    )
+    s = r.section(top.get("log", {}), "log", {"level", "access_log"})
+    log = Log(
+        level=r.get(s, "log.", "level", d.log.level, _choice(LOG_LEVELS)),
+        access_log=r.get(s, "log.", "access_log", d.log.access_log, _bool),
+    )
+    workers = r.get(top, "", "workers", d.workers, _int_range(0, 256))
+    data_dir = r.get(top, "", "data_dir", str(d.data_dir), _str)
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        listen=listen, workers=workers, data_dir=Path(data_dir), upstream=upstream,
+        cache=cache, limits=limits, auth=auth, guard=guard, log=log, source=source,
+    )
+
+
+def _realm(value: Any) -> str:
+    text = _str(value)
+    if '"' in text or "\\" in text or not text.isprintable():
+        raise ValueError("must be printable and contain no quotes or backslashes")
+    return text
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a YAML file; None gives the embedded default.
+
+    Raises ConfigError (unreadable file, bad YAML, or invalid values).
+    """
+    if path is None:
+        return build_config({})
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {one_line_yaml(exc)}"]) from None
+    return build_config(raw, source=str(path))
+
+
+def one_line_yaml(exc: yaml.YAMLError) -> str:
+    return " ".join(str(exc).split())

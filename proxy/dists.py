@@ -1,0 +1,105 @@
+"""Project names and distribution file names: parse, validate, normalize.
+
+Pure functions over packaging's parsers; every failure is a BadRequest with a
+reason a person can act on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from packaging.utils import (
+    InvalidName,
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    NormalizedName,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion, Version
+
+from .errors import BadRequest
+
+# Artifacts the simple API serves besides wheels and sdists (legacy uploads on
+# PyPI); the proxy passes them through from upstream but never accepts them.
+_LEGACY_SUFFIXES = (".egg", ".exe", ".msi", ".tar.bz2", ".tgz", ".tar", ".zip", ".rpm")
+METADATA_SUFFIX = ".metadata"
+
+
+@dataclass(frozen=True, slots=True)
+class DistFile:
+    filename: str
+    name: NormalizedName
+    version: Version
+    kind: Literal["wheel", "sdist"]
+
+
+def normalize_name(name: str) -> NormalizedName:
+    """PEP 503 normalization of a PEP 508-valid name.
+
+    Raises BadRequest for a name that PEP 508 does not allow.
+    """
+    try:
+        return canonicalize_name(name, validate=True)
+    except InvalidName:
+        raise BadRequest(f"Invalid project name {name[:100]!r}: see PEP 508") from None
+
+
+def parse_version(text: str) -> Version:
+    """Raises BadRequest when text is not a PEP 440 version."""
+    try:
+        return Version(text)
+    except InvalidVersion:
+        raise BadRequest(f"Invalid version {text[:100]!r}: see PEP 440") from None
+
+
+def is_safe_filename(filename: str) -> bool:
+    """A single path segment that cannot escape a directory or hide in a listing."""
+    return (
+        0 < len(filename) <= 255
+        and filename not in (".", "..")
+        and not filename.startswith(".")
+        and "/" not in filename
+        and "\\" not in filename
+        and all(32 < ord(ch) < 127 for ch in filename)
+    )
+
+
+def parse_dist_filename(filename: str) -> DistFile:
+    """Parse a wheel or sdist file name (the only kinds accepted for upload).
+
+    Raises BadRequest for anything else, including unsafe names.
+    """
+    if not is_safe_filename(filename):
+        raise BadRequest(f"Invalid distribution filename {filename[:100]!r}")
+    try:
+        if filename.endswith(".whl"):
+            name, version, _build, _tags = parse_wheel_filename(filename)
+            return DistFile(filename, name, version, "wheel")
+        if filename.endswith((".tar.gz", ".zip")):
+            name, version = parse_sdist_filename(filename)
+            return DistFile(filename, name, version, "sdist")
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion) as exc:
+        raise BadRequest(f"Invalid distribution filename {filename[:100]!r}: {exc}") from None
+    raise BadRequest(f"Invalid distribution filename {filename[:100]!r}: not a wheel or sdist")
+
+
+def guess_version(filename: str, project: NormalizedName) -> str | None:
+    """The version a served file belongs to, for PEP 700 `versions`; None if unknown."""
+    try:
+        return str(parse_dist_filename(filename).version)
+    except BadRequest:
+        pass
+    # Legacy artifacts: "<name>-<version>.<ext>", best effort only.
+    for suffix in _LEGACY_SUFFIXES:
+        if filename.endswith(suffix):
+            stem = filename[: -len(suffix)]
+            head, sep, tail = stem.rpartition("-")
+            if sep and canonicalize_name(head) == project:
+                try:
+                    return str(Version(tail))
+                except InvalidVersion:
+                    return None
+    return None

@@ -1,0 +1,102 @@
+"""Atomic file commits and path safety. Blocking functions: call them off the loop.
+
+A commit is temp file in the same directory tree -> fsync -> rename -> fsync of
+the directory, so a crash leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import uuid
+from pathlib import Path
+
+from .errors import InsufficientStorage, NotFound
+
+TMP_PREFIX = ".tmp-"
+
+
+def safe_join(root: Path, *parts: str) -> Path:
+    """root/parts, refusing anything that would leave root. Raises NotFound."""
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\\" in part or "\x00" in part:
+            raise NotFound("Not found")
+    path = root.joinpath(*parts)
+    if os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != os.path.abspath(root):
+        raise NotFound("Not found")
+    return path
+
+
+def temp_path(tmp_dir: Path, hint: str = "") -> Path:
+    return tmp_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}{hint}"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Make a fully written, fsynced temp file visible under its final name."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def commit_new(tmp: Path, final: Path) -> bool:
+    """Like commit, but never replaces: False when final already exists.
+
+    os.link fails with EEXIST atomically, so two racing writers cannot both win.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        return False
+    tmp.unlink(missing_ok=True)
+    fsync_dir(final.parent)
+    return True
+
+
+def write_atomic(final: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write bytes to final atomically. Raises InsufficientStorage when the disk is full."""
+    tmp = temp_path(tmp_dir or final.parent, ".part")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        commit(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise_if_full(exc)
+        raise
+
+
+def raise_if_full(exc: OSError) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise InsufficientStorage("Insufficient storage on the proxy: disk full") from exc
+
+
+def sweep_temp(root: Path, older_than: float = 0.0) -> int:
+    """Remove leftover temp files below root (crashed writes). Returns the count."""
+    removed = 0
+    cutoff = time.time() - older_than
+    if not root.exists():
+        return 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                path = Path(dirpath, name)
+                try:
+                    if path.stat().st_mtime <= cutoff:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed

@@ -1,0 +1,337 @@
+"""The read path in one place: private first -> guard -> upstream via caches -> stale.
+
+Index.rendered() answers a project page, Index.file() a file; both raise the
+errors of errors.py. Rendered pages are kept in memory with their ETag and a
+gzip copy, so a warm page costs a dict lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gzip
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urljoin
+
+from packaging.utils import NormalizedName
+
+from .cache import ArtifactCache, CachedPage, Download, PageCache
+from .config import Config
+from .dists import METADATA_SUFFIX
+from .errors import NotFound, UpstreamUnavailable
+from .guard import CollisionLedger, Decision, decide, matures_at, too_young
+from .metrics import Metrics
+from .model import ProjectPage
+from .simple_api import Format, PageParseError, parse_page, render
+from .store import PrivateStore
+from .upstream import UpstreamClient
+
+log = logging.getLogger("indexguard.index")
+guard_log = logging.getLogger("indexguard.guard")
+
+Source = Literal["private", "cache", "upstream"]
+# After an upstream failure, stale pages are served this long before asking
+# again, so an outage costs one timeout, not one per request.
+FAILURE_BACKOFF = 15.0
+_GZIP_MIN = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    body: bytes
+    gzipped: bytes | None
+    etag: str
+    content_type: str
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    path: Path
+    source: Source
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    download: Download | None  # None for HEAD: answered from the page alone
+    size: int | None
+
+
+def _render(page: ProjectPage, fmt: Format, ctype: str, source: Source) -> Rendered:
+    body = render(page, fmt)
+    digest = hashlib.blake2b(body, digest_size=12).hexdigest()
+    gz = gzip.compress(body, 6, mtime=0) if len(body) >= _GZIP_MIN else None
+    return Rendered(body, gz, f'"{digest}"', ctype, source)
+
+
+class Index:
+    def __init__(
+        self, store: PrivateStore, pages: PageCache, artifacts: ArtifactCache,
+        upstream: UpstreamClient, ledger: CollisionLedger, metrics: Metrics,
+        memory_pages: int,
+    ) -> None:
+        self.store = store
+        self.pages = pages
+        self.artifacts = artifacts
+        self.upstream = upstream
+        self.ledger = ledger
+        self.metrics = metrics
+        self._memory_pages = memory_pages
+        self._hot: OrderedDict[str, CachedPage] = OrderedDict()
+        self._rendered: OrderedDict[tuple[str, str], tuple[object, float, Rendered]] = (
+            OrderedDict()
+        )
+        self._flights: dict[str, asyncio.Future[CachedPage]] = {}
+        self._backoff: dict[str, float] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self.served_names: OrderedDict[str, None] = OrderedDict()
+
+    # --- the guard ---------------------------------------------------------------
+
+    def decide(self, name: NormalizedName, config: Config, client: str) -> Decision:
+        decision = decide(name, self.store.is_private(name), config)
+        self.metrics.guard_decisions.labels(decision.rule).inc()
+        level = logging.DEBUG if decision.rule == "upstream" else logging.INFO
+        if guard_log.isEnabledFor(level):
+            guard_log.log(level, "guard decision",
+                          extra={"project": name, "rule": decision.rule, "client": client})
+        if decision.rule in ("private", "reserved") and config.upstream.forward:
+            self._count_collision(name, decision.rule, config)
+        return decision
+
+    def _count_collision(self, name: NormalizedName, rule: str, config: Config) -> None:
+        known = self.ledger.upstream_has(name, config.upstream.index_ttl)
+        if known:
+            self._record_collision(name, rule)
+        elif known is None and name not in self._probes:
+            # Never on the request's path: learn in the background, count then.
+            task = asyncio.create_task(self._probe(name, rule, config))
+            self._probes[name] = task
+            task.add_done_callback(lambda _t: self._probes.pop(name, None))
+
+    async def _probe(self, name: NormalizedName, rule: str, config: Config) -> None:
+        resp = await self.upstream.fetch_page(
+            urljoin(config.upstream.url, f"{name}/"), config.upstream.timeout
+        )
+        if resp.outcome == "unavailable":
+            return
+        exists = resp.outcome in ("ok", "not_modified")
+        self.ledger.remember(name, exists)
+        if exists:
+            self._record_collision(name, rule)
+
+    def _record_collision(self, name: NormalizedName, rule: str) -> None:
+        self.ledger.record(name, rule)
+        self.metrics.blocked_collisions.labels(rule, name).inc()
+        guard_log.warning("blocked name collision", extra={"project": name, "rule": rule})
+
+    # --- pages -----------------------------------------------------------------------
+
+    async def rendered(
+        self, name: NormalizedName, fmt: Format, ctype: str, config: Config, client: str,
+    ) -> Rendered:
+        """The page for a name in one format. Raises NotFound, UpstreamUnavailable."""
+        decision = self.decide(name, config, client)
+        now = time.time()
+        if decision.rule == "private":
+            page = await self.store.page(name)
+            if page is None:  # released between the check and the read
+                raise NotFound(f"No project named {name}")
+            return await self._cached_render(name, fmt, ctype, page, page, float("inf"), "private")
+        self._refuse_unless_forwarded(name, decision)
+        entry = await self._upstream_page(name, config)
+        if entry.page is None:
+            raise NotFound(f"No project named {name} upstream")
+        self._note_served(name)
+        page, valid_until = self._visible(entry.page, config, now)
+        return await self._cached_render(name, fmt, ctype, entry, page, valid_until, "upstream")
+
+    @staticmethod
+    def _refuse_unless_forwarded(name: NormalizedName, decision: Decision) -> None:
+        if decision.rule == "reserved":
+            raise NotFound(f"{name} is reserved for private packages (guard.private_only)")
+        if decision.rule == "forward_off":
+            raise NotFound(f"No private project named {name}; forwarding upstream is off")
+
+    async def _cached_render(
+        self, name: str, fmt: Format, ctype: str, token: object, page: ProjectPage,
+        valid_until: float, source: Source,
+    ) -> Rendered:
+        key = (name, ctype)
+        hit = self._rendered.get(key)
+        if hit is not None and hit[0] is token and time.time() < hit[1]:
+            self._rendered.move_to_end(key)
+            return hit[2]
+        # A 2,000-file page takes milliseconds to render and gzip: off the loop.
+        rendered = await asyncio.to_thread(_render, page, fmt, ctype, source)
+        if self._memory_pages:
+            self._rendered[key] = (token, valid_until, rendered)
+            while len(self._rendered) > self._memory_pages:
+                self._rendered.popitem(last=False)
+        return rendered
+
+    def _visible(self, page: ProjectPage, config: Config, now: float) -> tuple[ProjectPage, float]:
+        """Apply guard.min_age and drop metadata links the proxy cannot verify."""
+        files = []
+        hidden = 0
+        valid_until = float("inf")
+        for f in page.files:
+            if too_young(f, page.name, config, now):
+                hidden += 1
+                valid_until = min(valid_until, matures_at(f, config) or valid_until)
+                continue
+            if f.metadata_hashes is not None and "sha256" not in f.metadata_hashes:
+                f = dataclasses.replace(f, metadata_hashes=None)
+            files.append(f)
+        if hidden:
+            self.metrics.min_age_hidden.inc(hidden)
+        versions = page.versions if not hidden else ()
+        return ProjectPage(page.name, tuple(files), versions), valid_until
+
+    def _note_served(self, name: str) -> None:
+        self.served_names[name] = None
+        self.served_names.move_to_end(name)
+        while len(self.served_names) > 100_000:
+            self.served_names.popitem(last=False)
+
+    async def root_names(self) -> list[NormalizedName]:
+        private = await self.store.names()
+        names = set(private) | {NormalizedName(n) for n in self.served_names}
+        return sorted(names)
+
+    async def _upstream_page(self, name: NormalizedName, config: Config) -> CachedPage:
+        entry = self._hot.get(name)
+        if entry is None:
+            entry = await self.pages.get(name)
+            if entry is not None:
+                self._remember(name, entry)
+        if entry is not None:
+            ttl = config.upstream.index_ttl if entry.page is not None else (
+                config.upstream.negative_ttl
+            )
+            now = time.time()
+            if now - entry.fetched_at < ttl or (
+                entry.page is not None and now < self._backoff.get(name, 0.0)
+            ):
+                self.metrics.index_cache.labels("hit").inc()
+                return entry
+        flight = self._flights.get(name)
+        if flight is None:
+            flight = asyncio.ensure_future(self._refresh(name, entry, config))
+            self._flights[name] = flight
+            flight.add_done_callback(lambda _f: self._flights.pop(name, None))
+        return await asyncio.shield(flight)
+
+    def _remember(self, name: str, entry: CachedPage) -> None:
+        self._hot[name] = entry
+        self._hot.move_to_end(name)
+        while len(self._hot) > max(self._memory_pages, 1):
+            self._hot.popitem(last=False)
+
+    async def _refresh(
+        self, name: NormalizedName, entry: CachedPage | None, config: Config
+    ) -> CachedPage:
+        url = urljoin(config.upstream.url, f"{name}/")
+        has_page = entry is not None and entry.page is not None
+        resp = await self.upstream.fetch_page(
+            url, config.upstream.timeout,
+            etag=entry.etag if has_page and entry else None,
+            last_modified=entry.last_modified if has_page and entry else None,
+        )
+        now = time.time()
+        fresh: CachedPage
+        if resp.outcome == "ok":
+            try:
+                page = await asyncio.to_thread(
+                    parse_page, resp.body, resp.content_type, resp.url, name
+                )
+            except PageParseError as exc:
+                return self._stale_or_fail(name, entry, f"upstream sent a broken page ({exc})")
+            fresh = CachedPage(page, now, resp.etag, resp.last_modified)
+            self.metrics.index_cache.labels("miss").inc()
+            self.ledger.remember(name, True)
+        elif resp.outcome == "not_modified" and entry is not None and entry.page is not None:
+            fresh = dataclasses.replace(entry, fetched_at=now)
+            self.metrics.index_cache.labels("revalidated").inc()
+        elif resp.outcome == "not_found":
+            fresh = CachedPage(None, now)
+            self.metrics.index_cache.labels("miss").inc()
+            self.ledger.remember(name, False)
+        else:
+            return self._stale_or_fail(name, entry, resp.reason or "upstream unavailable")
+        self._backoff.pop(name, None)
+        self._remember(name, fresh)
+        await self.pages.put(name, fresh)
+        return fresh
+
+    def _stale_or_fail(self, name: str, entry: CachedPage | None, reason: str) -> CachedPage:
+        if entry is not None and entry.page is not None:
+            self.metrics.stale_pages.inc()
+            self._backoff[name] = time.time() + FAILURE_BACKOFF
+            log.warning("serving stale page", extra={"project": name, "reason": reason})
+            return entry
+        raise UpstreamUnavailable(f"Upstream index unavailable for {name}: {reason}")
+
+    # --- files -------------------------------------------------------------------------
+
+    async def file(
+        self, name: NormalizedName, filename: str, config: Config, client: str,
+        *, head: bool = False,
+    ) -> LocalFile | RemoteFile:
+        """Where a file's bytes come from. Raises NotFound, UpstreamUnavailable."""
+        is_meta = filename.endswith(METADATA_SUFFIX)
+        dist_name = filename[: -len(METADATA_SUFFIX)] if is_meta else filename
+        decision = self.decide(name, config, client)
+        if decision.rule == "private":
+            page = await self.store.page(name)
+            entry = page.file(dist_name) if page is not None else None
+            if entry is None or (is_meta and not entry.has_metadata):
+                raise NotFound(f"No file {filename} in private project {name}")
+            return LocalFile(self.store.file_path(name, filename), "private")
+        # A name that became private or reserved after its files were cached is
+        # refused here, before the cache is consulted.
+        self._refuse_unless_forwarded(name, decision)
+        cached = await self._page_for_file(name, dist_name, config)
+        entry = cached.file(dist_name)
+        if entry is None or too_young(entry, name, config, time.time()):
+            raise NotFound(f"No file {dist_name} for {name} upstream")
+        hashes = entry.metadata_hashes if is_meta else entry.hashes
+        sha256 = hashes.get("sha256") if hashes is not None else None
+        if sha256 is None:
+            raise NotFound(
+                f"{filename} has no sha256 upstream; the proxy serves verified files only"
+            )
+        path = self.artifacts.lookup(sha256)
+        if path is not None:
+            self.metrics.file_cache.labels("hit").inc()
+            return LocalFile(path, "cache")
+        size = None if is_meta else entry.size
+        if head:
+            return RemoteFile(None, size)
+        joined = self.artifacts.inflight(sha256) is not None
+        self.metrics.file_cache.labels("joined" if joined else "miss").inc()
+        origin = entry.origin + METADATA_SUFFIX if is_meta else entry.origin
+        opener: Callable[[str], Any] = lambda url: self.upstream.open_file(  # noqa: E731
+            url, config.upstream.timeout
+        )
+        return RemoteFile(self.artifacts.download(sha256, origin, size, opener), size)
+
+    async def _page_for_file(
+        self, name: NormalizedName, filename: str, config: Config
+    ) -> ProjectPage:
+        """A page listing the file. Upstream files never change once published,
+        so any cached page that lists it will do, fresh or not."""
+        entry = self._hot.get(name) or await self.pages.get(name)
+        if entry is not None and entry.page is not None and entry.page.file(filename):
+            return entry.page
+        fresh = await self._upstream_page(name, config)
+        if fresh.page is None:
+            raise NotFound(f"No project named {name} upstream")
+        return fresh.page

@@ -1,0 +1,96 @@
+"""Every Prometheus metric the proxy exports, on one registry per app.
+
+Never registers on prometheus_client's global registry, so several apps (tests,
+workers) can live in one process without clashing.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The metric objects; names and labels are documented in the README."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "indexguard_http_requests", "HTTP requests answered",
+            ["route", "method", "status"], registry=r,
+        )
+        self.request_latency = Histogram(
+            "indexguard_http_request_duration_seconds", "Time to answer a request",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.index_cache = Counter(
+            "indexguard_index_cache", "Upstream project page lookups by cache result",
+            ["result"], registry=r,  # hit | miss | revalidated
+        )
+        self.file_cache = Counter(
+            "indexguard_file_cache", "Upstream file and metadata requests by cache result",
+            ["result"], registry=r,  # hit | miss | joined
+        )
+        self.cache_bytes = Gauge(
+            "indexguard_cache_bytes", "Bytes of upstream artifacts in the disk cache", registry=r,
+        )
+        self.cache_entries = Gauge(
+            "indexguard_cache_entries", "Upstream artifacts in the disk cache", registry=r,
+        )
+        self.cache_evictions = Counter(
+            "indexguard_cache_evictions", "Artifacts evicted to stay under cache.max_bytes",
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "indexguard_upstream_requests", "Requests sent upstream by kind and outcome",
+            # kind: page|file; outcome: ok|not_modified|not_found|error
+            ["kind", "outcome"], registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "indexguard_upstream_request_duration_seconds", "Upstream response time (headers)",
+            ["kind"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_up = Gauge(
+            "indexguard_upstream_up", "1 when the last upstream request got an answer, else 0",
+            registry=r,
+        )
+        self.stale_pages = Counter(
+            "indexguard_stale_pages_served", "Cached pages served because upstream failed",
+            registry=r,
+        )
+        self.hash_mismatches = Counter(
+            "indexguard_hash_mismatches",
+            "Upstream files whose bytes did not match the page's hash",
+            registry=r,
+        )
+        self.uploads = Counter(
+            "indexguard_uploads", "Upload attempts by outcome",
+            ["outcome"], registry=r,  # stored | duplicate | rejected | error
+        )
+        self.blocked_collisions = Counter(
+            "indexguard_blocked_collisions",
+            "Requests for a name that exists upstream but was kept private",
+            ["rule", "project"], registry=r,  # rule: private | reserved
+        )
+        self.guard_decisions = Counter(
+            "indexguard_guard_decisions", "Guard decisions by rule",
+            ["rule"], registry=r,  # private | reserved | forward_off | upstream
+        )
+        self.min_age_hidden = Counter(
+            "indexguard_min_age_hidden_files", "Upstream files hidden by guard.min_age",
+            registry=r,
+        )
+        self.upload_collisions = Counter(
+            "indexguard_upload_collisions", "Uploads of a name that exists upstream",
+            ["action"], registry=r,  # rejected | warned | allowed
+        )
+        self.bytes_served = Counter(
+            "indexguard_bytes_served", "File bytes sent to clients by source",
+            ["source"], registry=r,  # private | cache | upstream
+        )
+        self.auth_failures = Counter(
+            "indexguard_auth_failures", "Requests refused for credentials",
+            ["reason"], registry=r,  # missing | invalid | expired | scope | rate_limited
+        )
+        self.upstream_up.set(1)

@@ -1,0 +1,282 @@
+"""The write path: spool with hashing and a size limit, validate, read METADATA, store.
+
+A pipeline of small validators, cheap ones first, each raising one error from
+errors.py with a reason twine can print. Knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email.parser
+import hashlib
+import hmac
+import logging
+import os
+import zipfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.utils import NormalizedName, canonicalize_name
+from packaging.version import Version
+
+from .config import Config
+from .dists import DistFile, normalize_name, parse_dist_filename, parse_version
+from .errors import BadRequest, Forbidden, TooLarge
+from .fsutil import raise_if_full, temp_path
+from .guard import matches_any
+from .metrics import Metrics
+from .model import FileEntry
+from .store import AddOutcome, PrivateStore
+
+log = logging.getLogger("indexguard.publish")
+
+# Core metadata versions accepted (GitLab rejected 2.4 for a while; PyPI takes all).
+METADATA_VERSIONS = frozenset({"1.0", "1.1", "1.2", "2.0", "2.1", "2.2", "2.3", "2.4", "2.5"})
+MAX_FIELD_BYTES = 1 * 2**20  # a long README description fits; a 10 MB field does not
+MAX_FIELDS = 1000
+MAX_METADATA_BYTES = 16 * 2**20
+CHUNK = 256 * 1024
+_FILETYPES = {"wheel": "bdist_wheel", "sdist": "sdist"}
+
+
+@dataclass(slots=True)
+class UploadForm:
+    """The legacy upload form's text fields, collected as they stream in."""
+
+    fields: dict[str, list[str]] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, name: str, value: str) -> None:
+        self.count += 1
+        if self.count > MAX_FIELDS:
+            raise BadRequest(f"Too many form fields (more than {MAX_FIELDS})")
+        self.fields.setdefault(name, []).append(value)
+
+    def get(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return values[0] if values else None
+
+    def require(self, name: str) -> str:
+        value = self.get(name)
+        if value is None or not value.strip():
+            raise BadRequest(f"Missing required form field {name!r}")
+        return value.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    path: Path
+    filename: str
+    size: int
+    sha256: str
+    md5: str
+    blake2_256: str
+
+
+def check_form_header(form: UploadForm) -> tuple[NormalizedName, Version]:
+    """The cheap checks, run before the file's bytes are read where possible."""
+    action = form.require(":action")
+    if action != "file_upload":
+        raise BadRequest(f"Unsupported :action {action[:40]!r}; only file_upload is accepted")
+    protocol = form.get("protocol_version")
+    if protocol is not None and protocol.strip() != "1":
+        raise BadRequest(f"Unsupported protocol_version {protocol[:10]!r}")
+    name = normalize_name(form.require("name"))
+    version = parse_version(form.require("version"))
+    mv = form.get("metadata_version")
+    if mv is not None and mv.strip() not in METADATA_VERSIONS:
+        raise BadRequest(
+            f"Unsupported metadata_version {mv[:10]!r}; accepted: 1.0 to 2.5"
+        )
+    return name, version
+
+
+def check_file(form: UploadForm, spooled: Spooled, name: NormalizedName,
+               version: Version) -> DistFile:
+    if spooled.size == 0:
+        raise BadRequest("Empty file uploaded")
+    dist = parse_dist_filename(spooled.filename)
+    if dist.name != name:
+        raise BadRequest(
+            f"Filename {spooled.filename} is for project {dist.name}, but the form says {name}"
+        )
+    if dist.version != version:
+        raise BadRequest(
+            f"Filename {spooled.filename} is for version {dist.version}, "
+            f"but the form says {version}"
+        )
+    filetype = form.get("filetype")
+    if filetype is not None and filetype.strip() != _FILETYPES[dist.kind]:
+        raise BadRequest(f"filetype {filetype[:20]!r} does not match {spooled.filename}")
+    return dist
+
+
+def check_digests(form: UploadForm, spooled: Spooled) -> None:
+    declared = {
+        "sha256_digest": spooled.sha256,
+        "md5_digest": spooled.md5,
+        "blake2_256_digest": spooled.blake2_256,
+    }
+    given = {k: (form.get(k) or "").strip().lower() for k in declared}
+    if not any(given.values()):
+        raise BadRequest("Missing digest: send sha256_digest (twine and uv do)")
+    for key, actual in declared.items():
+        if given[key] and not hmac.compare_digest(given[key], actual):
+            raise BadRequest(f"The {key} does not match the uploaded file's contents")
+
+
+def read_wheel_metadata(path: Path, dist: DistFile) -> bytes:
+    """The wheel's .dist-info/METADATA, checked against its filename. Blocking.
+
+    Raises BadRequest for a corrupt wheel or one whose METADATA disagrees.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            candidates = [
+                n for n in zf.namelist()
+                if n.count("/") == 1 and n.endswith(".dist-info/METADATA")
+            ]
+            matching = [
+                n for n in candidates
+                if canonicalize_name(n.split("/")[0][: -len(".dist-info")].rpartition("-")[0])
+                == dist.name
+            ]
+            if len(matching) != 1:
+                raise BadRequest(f"{dist.filename} has no single {dist.name} .dist-info/METADATA")
+            info = zf.getinfo(matching[0])
+            if info.file_size > MAX_METADATA_BYTES:
+                raise BadRequest(f"{dist.filename}: METADATA is too large")
+            data = zf.read(info)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, KeyError) as exc:
+        raise BadRequest(f"{dist.filename} is not a valid wheel: {type(exc).__name__}") from None
+    meta = email.parser.BytesParser().parsebytes(data, headersonly=True)
+    meta_name, meta_version = meta.get("Name"), meta.get("Version")
+    if not meta_name or canonicalize_name(str(meta_name)) != dist.name:
+        raise BadRequest(f"{dist.filename}: METADATA names {meta_name!r}, not {dist.name}")
+    if not meta_version or parse_version(str(meta_version)) != dist.version:
+        raise BadRequest(f"{dist.filename}: METADATA version {meta_version!r} != {dist.version}")
+    mv = meta.get("Metadata-Version")
+    if mv is not None and str(mv).strip() not in METADATA_VERSIONS:
+        raise BadRequest(f"{dist.filename}: unsupported Metadata-Version {mv!r}")
+    return data
+
+
+def requires_python_of(metadata: bytes | None, form: UploadForm) -> str | None:
+    if metadata is not None:
+        meta = email.parser.BytesParser().parsebytes(metadata, headersonly=True)
+        value = meta.get("Requires-Python")
+        if value:
+            return str(value).strip()
+    value = form.get("requires_python")
+    return value.strip() if value and value.strip() else None
+
+
+def upload_time_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Publisher:
+    def __init__(
+        self, store: PrivateStore, metrics: Metrics,
+        upstream_has: Callable[[NormalizedName, Config], Awaitable[bool]],
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._upstream_has = upstream_has
+
+    async def spool(self, chunks: AsyncIterator[bytes], filename: str, limit: int) -> Spooled:
+        """Stream the file part to a temp file, hashing as it arrives.
+
+        Raises TooLarge past `limit` (nothing is written beyond it),
+        InsufficientStorage when the disk fills.
+        """
+        tmp = temp_path(self.store.tmp_dir, ".upload")
+        sha, md5, blake = hashlib.sha256(), hashlib.md5(), hashlib.blake2b(digest_size=32)
+        size = 0
+        try:
+            fh = await asyncio.to_thread(open, tmp, "wb")
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge(
+                            f"File too large: the limit is {limit} bytes (limits.max_upload)"
+                        )
+                    await asyncio.to_thread(_write_hash, fh, chunk, sha, md5, blake)
+                await asyncio.to_thread(_fsync, fh)
+            finally:
+                await asyncio.to_thread(fh.close)
+        except OSError as exc:
+            await asyncio.to_thread(tmp.unlink, True)
+            raise_if_full(exc)
+            raise
+        except BaseException:
+            await asyncio.to_thread(tmp.unlink, True)
+            raise
+        return Spooled(tmp, filename, size, sha.hexdigest(), md5.hexdigest(), blake.hexdigest())
+
+    async def publish(self, form: UploadForm, spooled: Spooled, config: Config) -> AddOutcome:
+        """Validate and store. The spooled file is consumed either way.
+
+        Raises BadRequest, FileExists, Forbidden (collision policy), InsufficientStorage.
+        """
+        try:
+            name, version = check_form_header(form)
+            dist = check_file(form, spooled, name, version)
+            check_digests(form, spooled)
+            metadata = None
+            if dist.kind == "wheel":
+                metadata = await asyncio.to_thread(read_wheel_metadata, spooled.path, dist)
+            await self._check_collision(name, config)
+            entry = FileEntry(
+                filename=dist.filename,
+                hashes={"sha256": spooled.sha256},
+                requires_python=requires_python_of(metadata, form),
+                metadata_hashes=(
+                    {"sha256": hashlib.sha256(metadata).hexdigest()} if metadata else None
+                ),
+                size=spooled.size,
+                upload_time=upload_time_now(),
+            )
+            outcome = await self.store.add(name, entry, spooled.path, metadata)
+        except BaseException:
+            await asyncio.to_thread(spooled.path.unlink, True)
+            raise
+        log.info("upload", extra={"project": name, "filename": dist.filename,
+                                  "outcome": outcome, "size": spooled.size})
+        return outcome
+
+    async def _check_collision(self, name: NormalizedName, config: Config) -> None:
+        """guard.upload_collision for a name that exists upstream and is new here."""
+        policy = config.guard.upload_collision
+        if (
+            self.store.is_private(name)
+            or policy == "allow"
+            or matches_any(name, config.guard.allow_shadow)
+            or matches_any(name, config.guard.private_only)
+            or not config.upstream.forward
+        ):
+            return
+        if not await self._upstream_has(name, config):
+            return
+        if policy == "reject":
+            self.metrics.upload_collisions.labels("rejected").inc()
+            raise Forbidden(
+                f"{name} exists on the upstream index; publishing it here would shadow it "
+                "(guard.upload_collision: reject)"
+            )
+        self.metrics.upload_collisions.labels("warned").inc()
+        log.warning("upload shadows an upstream name", extra={"project": name})
+
+
+def _write_hash(fh: object, chunk: bytes, *hashers: object) -> None:
+    fh.write(chunk)  # type: ignore[attr-defined]
+    for h in hashers:
+        h.update(chunk)  # type: ignore[attr-defined]
+
+
+def _fsync(fh: object) -> None:
+    fh.flush()  # type: ignore[attr-defined]
+    os.fsync(fh.fileno())  # type: ignore[attr-defined]

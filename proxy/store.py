@@ -1,0 +1,225 @@
+"""The private store: published files, their metadata, and reserved names.
+
+Layout under <data_dir>/private/<normalized name>/:
+    index.json        the project's files (the source of truth; replaced atomically)
+    files/<filename>  and files/<filename>.metadata (PEP 658)
+    .lock             flock target: serializes writers across worker processes
+A project directory with an index.json is private, even with no files left: a
+deleted name is not handed back to upstream until an admin releases it.
+Writes happen in worker threads; reads stat index.json on the loop (a cached
+metadata syscall) and parse it in a thread only when it changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import orjson
+from packaging.utils import NormalizedName
+
+from .dists import guess_version
+from .errors import BadRequest, FileExists, NotFound
+from .fsutil import commit, commit_new, fsync_dir, safe_join, sweep_temp, write_atomic
+from .model import FileEntry, ProjectPage
+
+AddOutcome = Literal["stored", "duplicate"]
+_INDEX = "index.json"
+
+
+class PrivateStore:
+    def __init__(self, root: Path, tmp_dir: Path) -> None:
+        self.root = root
+        self.tmp_dir = tmp_dir
+        # name -> ((mtime_ns, size), page): parsed index.json, revalidated by stat.
+        self._pages: dict[str, tuple[tuple[int, int], ProjectPage]] = {}
+        self._names: tuple[int, list[NormalizedName]] | None = None
+
+    def open(self) -> int:
+        """Create directories and sweep temp files left by a crash. Blocking."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return sweep_temp(self.root) + sweep_temp(self.tmp_dir)
+
+    # --- reads -------------------------------------------------------------------
+
+    def _project_dir(self, name: NormalizedName) -> Path:
+        return safe_join(self.root, name)
+
+    def is_private(self, name: NormalizedName) -> bool:
+        """True when the name has, or ever had, private files."""
+        return os.path.exists(self.root / name / _INDEX)
+
+    async def page(self, name: NormalizedName) -> ProjectPage | None:
+        index = self.root / name / _INDEX
+        try:
+            st = os.stat(index)
+        except (FileNotFoundError, NotADirectoryError):
+            self._pages.pop(name, None)
+            return None
+        key = (st.st_mtime_ns, st.st_size)
+        cached = self._pages.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        page = await asyncio.to_thread(self._read_index, name)
+        if page is not None:
+            self._pages[name] = (key, page)
+        return page
+
+    def _read_index(self, name: NormalizedName) -> ProjectPage | None:
+        try:
+            data = orjson.loads((self.root / name / _INDEX).read_bytes())
+        except FileNotFoundError:
+            return None
+        return ProjectPage.from_json(data)
+
+    async def names(self) -> list[NormalizedName]:
+        """Every private (or reserved-by-history) project name, sorted."""
+        try:
+            mtime = os.stat(self.root).st_mtime_ns
+        except FileNotFoundError:
+            return []
+        if self._names is not None and self._names[0] == mtime:
+            return self._names[1]
+        names = await asyncio.to_thread(self._scan_names)
+        self._names = (mtime, names)
+        return names
+
+    def _scan_names(self) -> list[NormalizedName]:
+        return sorted(
+            NormalizedName(e.name) for e in os.scandir(self.root)
+            if e.is_dir() and (Path(e.path) / _INDEX).exists()
+        )
+
+    def file_path(self, name: NormalizedName, filename: str) -> Path:
+        return safe_join(self._project_dir(name), "files", filename)
+
+    # --- writes --------------------------------------------------------------------
+
+    async def add(
+        self, name: NormalizedName, entry: FileEntry, content: Path, metadata: bytes | None
+    ) -> AddOutcome:
+        """Commit an uploaded file (content is a fsynced temp file, consumed here).
+
+        Same name with identical sha256 -> "duplicate" (a no-op, PyPI's contract).
+        Raises FileExists when the name is taken by different bytes.
+        """
+        return await asyncio.to_thread(self._add, name, entry, content, metadata)
+
+    def _add(
+        self, name: NormalizedName, entry: FileEntry, content: Path, metadata: bytes | None
+    ) -> AddOutcome:
+        pdir = self._project_dir(name)
+        try:
+            with self._locked(pdir):
+                page = self._read_index(name) or ProjectPage(name=name, files=())
+                existing = page.file(entry.filename)
+                if existing is not None:
+                    if existing.sha256 == entry.sha256:
+                        return "duplicate"
+                    raise FileExists(
+                        f"File already exists: {entry.filename} was uploaded before with "
+                        "different contents; bump the version instead"
+                    )
+                final = self.file_path(name, entry.filename)
+                if metadata is not None:
+                    write_atomic(final.with_name(final.name + ".metadata"), metadata, self.tmp_dir)
+                if not commit_new(content, final):
+                    # A file with no index entry is a leftover of a crash between
+                    # the file commit and the index commit: the index is the truth.
+                    commit(content, final)
+                self._write_index(replace(page, files=(*page.files, entry), versions=()))
+                return "stored"
+        finally:
+            content.unlink(missing_ok=True)
+
+    def _write_index(self, page: ProjectPage) -> None:
+        pdir = self._project_dir(page.name)
+        versions: dict[str, None] = {}
+        for f in page.files:
+            v = guess_version(f.filename, page.name)
+            if v is not None:
+                versions[v] = None
+        page = replace(page, versions=tuple(versions))
+        write_atomic(pdir / _INDEX, orjson.dumps(page.to_json()), self.tmp_dir)
+
+    @contextmanager
+    def _locked(self, pdir: Path) -> Iterator[None]:
+        created = not pdir.exists()
+        (pdir / "files").mkdir(parents=True, exist_ok=True)
+        if created:
+            fsync_dir(self.root)
+        with open(pdir / ".lock", "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    async def set_yanked(self, name: NormalizedName, version: str, yanked: bool | str) -> int:
+        """Yank or unyank every file of a release (PEP 592). Returns files changed.
+
+        Raises NotFound when the release has no files here.
+        """
+        return await asyncio.to_thread(self._set_yanked, name, version, yanked)
+
+    def _set_yanked(self, name: NormalizedName, version: str, yanked: bool | str) -> int:
+        if not self.is_private(name):
+            raise NotFound(f"No private project {name}")
+        with self._locked(self._project_dir(name)):
+            page = self._read_index(name) or ProjectPage(name=name, files=())
+            hits = [f for f in page.files if guess_version(f.filename, name) == version]
+            if not hits:
+                raise NotFound(f"No files for {name} {version}")
+            files = tuple(
+                f.with_yank(yanked) if f in hits else f for f in page.files
+            )
+            self._write_index(replace(page, files=files))
+            return len(hits)
+
+    async def delete(self, name: NormalizedName, filename: str) -> None:
+        """Remove one file; the name stays private. Raises NotFound."""
+        await asyncio.to_thread(self._delete, name, filename)
+
+    def _delete(self, name: NormalizedName, filename: str) -> None:
+        if not self.is_private(name):
+            raise NotFound(f"No private project {name}")
+        with self._locked(self._project_dir(name)):
+            page = self._read_index(name) or ProjectPage(name=name, files=())
+            if page.file(filename) is None:
+                raise NotFound(f"No file {filename} in {name}")
+            # Index first: once it is committed the file is gone for readers.
+            self._write_index(
+                replace(page, files=tuple(f for f in page.files if f.filename != filename))
+            )
+            path = self.file_path(name, filename)
+            path.with_name(path.name + ".metadata").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+
+    async def release(self, name: NormalizedName) -> None:
+        """Hand a name with no files back to the guard's other rules.
+
+        Raises NotFound for a name that is not private, BadRequest if files remain.
+        """
+        await asyncio.to_thread(self._release, name)
+
+    def _release(self, name: NormalizedName) -> None:
+        pdir = self._project_dir(name)
+        if not self.is_private(name):
+            raise NotFound(f"No private project {name}")
+        with self._locked(pdir):
+            page = self._read_index(name)
+            if page is not None and page.files:
+                raise BadRequest(
+                    f"{name} still has {len(page.files)} file(s); delete them before releasing"
+                )
+            (pdir / _INDEX).unlink(missing_ok=True)
+        shutil.rmtree(pdir, ignore_errors=True)
+        fsync_dir(self.root)

@@ -1,0 +1,149 @@
+"""The upstream index client: project pages (conditional GET) and file streams.
+
+Every answer is classified as ok / not_modified / not_found / unavailable, after
+simple-repository's rule: 404 means not found, anything else means unavailable
+(so the caller may serve stale). Never raises for what the upstream does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+
+from .errors import NotFound, UpstreamUnavailable
+from .metrics import Metrics
+from .simple_api import UPSTREAM_ACCEPT
+
+log = logging.getLogger("indexguard.upstream")
+
+Outcome = Literal["ok", "not_modified", "not_found", "unavailable"]
+MAX_PAGE_BYTES = 64 * 2**20  # a 2,000-file PyPI page is ~2 MB; refuse absurd ones
+
+
+@dataclass(frozen=True, slots=True)
+class PageResponse:
+    outcome: Outcome
+    url: str
+    body: bytes = b""
+    content_type: str = ""
+    etag: str | None = None
+    last_modified: str | None = None
+    reason: str = ""
+
+
+class UpstreamClient:
+    """Owns its HTTP session: start() opens it, close() closes it (the app's cleanup_ctx)."""
+
+    def __init__(self, metrics: Metrics, user_agent: str) -> None:
+        self._metrics = metrics
+        self._user_agent = user_agent
+        self._client: aiohttp.ClientSession | None = None
+        self.last_ok = True
+
+    async def start(self) -> None:
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=300),
+            headers={"User-Agent": self._user_agent},
+            # HTTPS_PROXY and friends, as pip honours them.
+            trust_env=True,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @property
+    def _session(self) -> aiohttp.ClientSession:
+        if self._client is None:
+            raise RuntimeError("UpstreamClient used before start()")
+        return self._client
+
+    def _record(self, kind: str, outcome: str, started: float) -> None:
+        self._metrics.upstream_requests.labels(kind, outcome).inc()
+        self._metrics.upstream_latency.labels(kind).observe(time.monotonic() - started)
+        self.last_ok = outcome != "error"
+        self._metrics.upstream_up.set(1 if self.last_ok else 0)
+
+    async def fetch_page(
+        self, url: str, timeout: float, etag: str | None = None,
+        last_modified: str | None = None,
+    ) -> PageResponse:
+        headers = {"Accept": UPSTREAM_ACCEPT, "Accept-Encoding": "gzip"}
+        if etag:
+            headers["If-None-Match"] = etag
+        if last_modified:
+            headers["If-Modified-Since"] = last_modified
+        started = time.monotonic()
+        try:
+            async with self._session.get(
+                url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout),
+                max_redirects=5,
+            ) as resp:
+                if resp.status == 304:
+                    self._record("page", "not_modified", started)
+                    return PageResponse("not_modified", str(resp.url))
+                if resp.status in (404, 410):
+                    self._record("page", "not_found", started)
+                    return PageResponse("not_found", str(resp.url))
+                if resp.status != 200:
+                    self._record("page", "error", started)
+                    return PageResponse(
+                        "unavailable", url, reason=f"upstream answered {resp.status}"
+                    )
+                if (resp.content_length or 0) > MAX_PAGE_BYTES:
+                    self._record("page", "error", started)
+                    return PageResponse("unavailable", url, reason="upstream page too large")
+                body = await resp.content.read(MAX_PAGE_BYTES + 1)
+                if len(body) > MAX_PAGE_BYTES:
+                    self._record("page", "error", started)
+                    return PageResponse("unavailable", url, reason="upstream page too large")
+                self._record("page", "ok", started)
+                return PageResponse(
+                    "ok", str(resp.url), body=body,
+                    content_type=resp.headers.get("Content-Type", ""),
+                    etag=resp.headers.get("ETag"),
+                    last_modified=resp.headers.get("Last-Modified"),
+                )
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            self._record("page", "error", started)
+            reason = "upstream timed out" if isinstance(exc, asyncio.TimeoutError) else (
+                f"upstream failed: {type(exc).__name__}"
+            )
+            return PageResponse("unavailable", url, reason=reason)
+
+    @asynccontextmanager
+    async def open_file(self, url: str, timeout: float) -> AsyncIterator[aiohttp.ClientResponse]:
+        """An open 200 response whose body the caller streams.
+
+        Raises NotFound for 404/410, UpstreamUnavailable for anything else.
+        """
+        started = time.monotonic()
+        try:
+            resp = await self._session.get(
+                url, timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout),
+                max_redirects=5, auto_decompress=False,
+                # Hashes are over the stored bytes: never let a transfer encoding in.
+                headers={"Accept-Encoding": "identity"},
+            )
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            self._record("file", "error", started)
+            raise UpstreamUnavailable(f"Upstream file fetch failed: {type(exc).__name__}") from None
+        try:
+            if resp.status in (404, 410):
+                self._record("file", "not_found", started)
+                raise NotFound("File not found upstream")
+            if resp.status != 200:
+                self._record("file", "error", started)
+                raise UpstreamUnavailable(f"Upstream answered {resp.status} for the file")
+            self._record("file", "ok", started)
+            yield resp
+        finally:
+            resp.release()

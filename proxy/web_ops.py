@@ -1,0 +1,34 @@
+"""Operations endpoints: health, Prometheus metrics, a landing page."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import __version__
+from .state import CONFIG, INDEX, METRICS
+
+
+async def health(request: web.Request) -> web.Response:
+    config = request.app[CONFIG].current
+    return web.json_response({
+        "status": "ok",
+        "version": __version__,
+        "forward": config.upstream.forward,
+        "upstream_up": request.app[INDEX].upstream.last_ok,
+        "time": time.time(),
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def landing(request: web.Request) -> web.Response:
+    return web.Response(
+        text=f"indexguard {__version__}: the package index is at simple/\n",
+        content_type="text/plain",
+    )

@@ -1,0 +1,166 @@
+"""GET/HEAD of the simple index and its files: negotiate, ETag/304, gzip, redirects.
+
+Thin handlers: parse the request, ask the Index, render the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import quote
+
+from aiohttp import web
+from packaging.utils import NormalizedName, canonicalize_name
+
+from .cache import Download
+from .errors import NotFound, ProxyError
+from .fsutil import safe_join
+from .index import LocalFile, Rendered
+from .metrics import Metrics
+from .simple_api import negotiate, render_root_html, render_root_json
+from .state import CONFIG, INDEX, METRICS
+
+log = logging.getLogger("indexguard.web")
+
+_VARY = "Accept, Accept-Encoding"
+# Pages are revalidated on every use (cheap with ETag/304), so a fresh upload or
+# a newly reserved name is seen at once by clients with an HTTP cache.
+_PAGE_CACHE_CONTROL = "max-age=0, must-revalidate"
+_FILE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "-"
+
+
+def _etag_matches(request: web.Request, etags: tuple[str, ...]) -> bool:
+    header = request.headers.get("If-None-Match")
+    if not header:
+        return False
+    offered = {t.strip().removeprefix("W/") for t in header.split(",")}
+    return "*" in offered or any(e in offered for e in etags)
+
+
+def respond_page(request: web.Request, page: Rendered) -> web.Response:
+    gz_etag = page.etag[:-1] + '-gz"'
+    headers = {"Vary": _VARY, "Cache-Control": _PAGE_CACHE_CONTROL}
+    use_gzip = page.gzipped is not None and "gzip" in request.headers.get("Accept-Encoding", "")
+    etag = gz_etag if use_gzip else page.etag
+    headers["ETag"] = etag
+    request["cache_outcome"] = page.source
+    if _etag_matches(request, (page.etag, gz_etag)):
+        return web.Response(status=304, headers=headers)
+    if use_gzip:
+        headers["Content-Encoding"] = "gzip"
+        body = page.gzipped
+    else:
+        body = page.body
+    headers["Content-Type"] = (
+        f"{page.content_type}; charset=utf-8" if "html" in page.content_type else page.content_type
+    )
+    return web.Response(body=body, headers=headers)
+
+
+def _normalized_or_redirect(request: web.Request, raw: str, suffix: str) -> NormalizedName:
+    name = canonicalize_name(raw)
+    if not name or any(ch in raw for ch in "/\\\x00") or len(raw) > 200:
+        raise NotFound("Not found")
+    if raw != name:
+        # PEP 503: redirect to the normalized URL; relative, for path prefixes.
+        location = f"../{quote(name)}{suffix}"
+        if request.query_string:
+            location += "?" + request.query_string
+        raise web.HTTPMovedPermanently(location)
+    return name
+
+
+async def root(request: web.Request) -> web.StreamResponse:
+    fmt, ctype = negotiate(request.headers.get("Accept"), request.query.get("format"))
+    names = await request.app[INDEX].root_names()
+    body = render_root_json(names) if fmt == "json" else render_root_html(names)
+    return web.Response(body=body, headers={
+        "Content-Type": f"{ctype}; charset=utf-8" if fmt == "html" else ctype,
+        "Vary": _VARY, "Cache-Control": _PAGE_CACHE_CONTROL,
+    })
+
+
+async def project(request: web.Request) -> web.StreamResponse:
+    name = _normalized_or_redirect(request, request.match_info["project"], "/")
+    config = request.app[CONFIG].current
+    fmt, ctype = negotiate(request.headers.get("Accept"), request.query.get("format"))
+    page = await request.app[INDEX].rendered(name, fmt, ctype, config, _client(request))
+    return respond_page(request, page)
+
+
+async def project_no_slash(request: web.Request) -> web.StreamResponse:
+    raw = request.match_info["project"]
+    location = f"{quote(canonicalize_name(raw))}/"
+    if request.query_string:
+        location += "?" + request.query_string
+    raise web.HTTPMovedPermanently(location)
+
+
+def _content_type(filename: str) -> str:
+    if filename.endswith(".metadata"):
+        return "text/plain; charset=utf-8"
+    return "application/octet-stream"
+
+
+async def dist_file(request: web.Request) -> web.StreamResponse:
+    raw, filename = request.match_info["project"], request.match_info["filename"]
+    name = canonicalize_name(raw)
+    # Reject traversal and odd names before anything touches the disk.
+    safe_join(request.app[INDEX].store.root, name, filename)
+    if raw != name:
+        raise web.HTTPMovedPermanently(f"../{quote(name)}/{quote(filename)}")
+    config = request.app[CONFIG].current
+    source = await request.app[INDEX].file(
+        name, filename, config, _client(request), head=request.method == "HEAD"
+    )
+    metrics = request.app[METRICS]
+    headers = {"Content-Type": _content_type(filename), "Cache-Control": _FILE_CACHE_CONTROL}
+    if isinstance(source, LocalFile):
+        request["cache_outcome"] = source.source
+        # FileResponse: sendfile, Range, and ETag/304 from the file's mtime and size.
+        response = web.FileResponse(source.path, chunk_size=256 * 1024, headers=headers)
+        await response.prepare(request)
+        if request.method != "HEAD" and response.status in (200, 206):
+            metrics.bytes_served.labels(source.source).inc(response.content_length or 0)
+        return response
+    request["cache_outcome"] = "upstream"
+    if source.size is not None:
+        headers["Content-Length"] = str(source.size)
+    if source.download is None:  # HEAD of an uncached file: answered from the page
+        return web.Response(headers=headers)
+    return await _stream(request, source.download, headers, metrics)
+
+
+async def _stream(
+    request: web.Request, download: Download, headers: dict[str, str], metrics: Metrics,
+) -> web.StreamResponse:
+    chunks = download.chunks()
+    first = await anext(chunks, b"")  # errors before any byte become a clean 4xx/5xx
+    if download.total is not None:
+        headers["Content-Length"] = str(download.total)
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    sent = 0
+    try:
+        if first:
+            await response.write(first)
+            sent += len(first)
+        async for chunk in chunks:
+            await response.write(chunk)
+            sent += len(chunk)
+    except ProxyError as exc:
+        # Headers are out: the only honest signal left is a cut connection,
+        # which pip and uv report as a failed download.
+        log.warning("upstream transfer failed mid-stream",
+                    extra={"path": request.path, "reason": exc.reason})
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    finally:
+        metrics.bytes_served.labels("upstream").inc(sent)
+    await response.write_eof()
+    return response
+

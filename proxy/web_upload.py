@@ -1,0 +1,97 @@
+"""POST / and /legacy/: stream the legacy upload form's parts to the Publisher.
+
+Uses request.multipart() (never request.post(), which buffers and caps at 1 MiB).
+Messages go in the reason phrase: it is the only server text twine prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import BodyPartReader, web
+
+from .errors import BadRequest, ProxyError, TooLarge
+from .publish import CHUNK, MAX_FIELD_BYTES, Spooled, UploadForm, check_form_header
+from .state import CONFIG, METRICS, PUBLISHER
+
+# Form fields and multipart framing on top of the file itself.
+_ENVELOPE = 64 * 2**20
+
+
+async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+    while True:
+        chunk = await part.read_chunk(CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+async def _read_field(part: BodyPartReader) -> str:
+    buf = bytearray()
+    while True:
+        chunk = await part.read_chunk(64 * 1024)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > MAX_FIELD_BYTES:
+            raise BadRequest(f"Form field {part.name!r} is larger than {MAX_FIELD_BYTES} bytes")
+    return buf.decode("utf-8", errors="replace")
+
+
+async def _read_form(request: web.Request, limit: int) -> tuple[UploadForm, Spooled | None]:
+    publisher = request.app[PUBLISHER]
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError, KeyError, LookupError):
+        raise BadRequest("Expected a multipart/form-data upload") from None
+    form = UploadForm()
+    spooled: Spooled | None = None
+    try:
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("Nested multipart bodies are not accepted")
+            if part.name == "content":
+                if spooled is not None:
+                    raise BadRequest("More than one file in one upload")
+                if ":action" in form.fields:
+                    check_form_header(form)  # fail fast, before the bytes arrive
+                spooled = await publisher.spool(_part_chunks(part), part.filename or "", limit)
+            elif part.name:
+                form.add(part.name, await _read_field(part))
+            else:
+                await part.release()
+    except (ValueError, AssertionError, RuntimeError, LookupError, UnicodeError) as exc:
+        if spooled is not None:
+            spooled.path.unlink(missing_ok=True)
+        raise BadRequest(f"Malformed multipart body: {type(exc).__name__}") from None
+    except BaseException:
+        if spooled is not None:
+            spooled.path.unlink(missing_ok=True)
+        raise
+    return form, spooled
+
+
+async def upload(request: web.Request) -> web.Response:
+    config = request.app[CONFIG].current
+    metrics = request.app[METRICS]
+    limit = config.limits.max_upload
+    try:
+        if request.content_length is not None and request.content_length > limit + _ENVELOPE:
+            raise TooLarge(f"File too large: the limit is {limit} bytes (limits.max_upload)")
+        form, spooled = await _read_form(request, limit)
+        if spooled is None:
+            check_form_header(form)
+            raise BadRequest("Missing the 'content' file part")
+        outcome = await request.app[PUBLISHER].publish(form, spooled, config)
+    except ProxyError as exc:
+        # After a 413 aiohttp lingers, discarding what the client still sends,
+        # so that twine gets to read the reason instead of a broken pipe.
+        metrics.uploads.labels("rejected" if exc.status < 500 else "error").inc()
+        raise
+    metrics.uploads.labels(outcome).inc()
+    if outcome == "duplicate":
+        return web.Response(text="OK: identical file already stored; nothing changed\n")
+    return web.Response(text="OK\n")
