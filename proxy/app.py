@@ -25,6 +25,7 @@ from .config import Config, ConfigError, load_config
 from .errors import ProxyError, Unauthorized
 from .guard import CollisionLedger
 from .index import Index
+from .logs import TOKEN_NAME
 from .metrics import Metrics
 from .publish import Publisher
 from .state import AUTH, CONFIG, INDEX, METRICS, PUBLISHER, STORE, LiveConfig
@@ -100,7 +101,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except ProxyError as exc:
         request.app[METRICS].auth_failures.labels(_auth_reason(exc)).inc()
         raise
-    request["token_name"] = identity.name
+    request[TOKEN_NAME] = identity.name
     return await handler(request)
 
 

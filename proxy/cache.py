@@ -223,7 +223,9 @@ class ArtifactCache:
         fh: IO[bytes] | None = None
         committed = False
         try:
-            fh = await asyncio.to_thread(open, dl.tmp, "wb")
+            # Unbuffered: readers tail this file through their own descriptors,
+            # so every byte counted in dl.written must already be in the kernel.
+            fh = await asyncio.to_thread(open, dl.tmp, "wb", 0)
             hasher = hashlib.sha256()
             async with opener(url) as resp:
                 if resp.content_length is not None:
@@ -294,7 +296,10 @@ class ArtifactCache:
 
 
 def _write_and_hash(fh: IO[bytes], hasher: Any, chunk: bytes) -> None:
-    fh.write(chunk)
+    view = memoryview(chunk)
+    while view:
+        written = fh.write(view)
+        view = view[written:]
     hasher.update(chunk)
 
 

@@ -56,12 +56,14 @@ class Rendered:
 class LocalFile:
     path: Path
     source: Source
+    sha256: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteFile:
     download: Download | None  # None for HEAD: answered from the page alone
     size: int | None
+    sha256: str
 
 
 def _render(page: ProjectPage, fmt: Format, ctype: str, source: Source) -> Rendered:
@@ -294,7 +296,9 @@ class Index:
             entry = page.file(dist_name) if page is not None else None
             if entry is None or (is_meta and not entry.has_metadata):
                 raise NotFound(f"No file {filename} in private project {name}")
-            return LocalFile(self.store.file_path(name, filename), "private")
+            hashes = entry.metadata_hashes if is_meta else entry.hashes
+            return LocalFile(self.store.file_path(name, filename), "private",
+                             (hashes or {}).get("sha256"))
         # A name that became private or reserved after its files were cached is
         # refused here, before the cache is consulted.
         self._refuse_unless_forwarded(name, decision)
@@ -311,17 +315,17 @@ class Index:
         path = self.artifacts.lookup(sha256)
         if path is not None:
             self.metrics.file_cache.labels("hit").inc()
-            return LocalFile(path, "cache")
+            return LocalFile(path, "cache", sha256)
         size = None if is_meta else entry.size
         if head:
-            return RemoteFile(None, size)
+            return RemoteFile(None, size, sha256)
         joined = self.artifacts.inflight(sha256) is not None
         self.metrics.file_cache.labels("joined" if joined else "miss").inc()
         origin = entry.origin + METADATA_SUFFIX if is_meta else entry.origin
         opener: Callable[[str], Any] = lambda url: self.upstream.open_file(  # noqa: E731
             url, config.upstream.timeout
         )
-        return RemoteFile(self.artifacts.download(sha256, origin, size, opener), size)
+        return RemoteFile(self.artifacts.download(sha256, origin, size, opener), size, sha256)
 
     async def _page_for_file(
         self, name: NormalizedName, filename: str, config: Config

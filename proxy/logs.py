@@ -13,7 +13,11 @@ from typing import Any
 
 import orjson
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web import BaseRequest, RequestKey, StreamResponse
+
+# What handlers tell the access line: where the answer came from, who asked.
+CACHE_OUTCOME = RequestKey("cache_outcome", str)
+TOKEN_NAME = RequestKey("token_name", str)
 
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -56,8 +60,8 @@ class AccessLogger(AbstractAccessLogger):
                 "status": response.status,
                 "bytes": response.body_length,
                 "duration_ms": round(time * 1000, 3),
-                "cache": request.get("cache_outcome", "-"),
+                "cache": request.get(CACHE_OUTCOME, "-"),
                 "client": request.remote,
-                "token": request.get("token_name"),
+                "token": request.get(TOKEN_NAME),
             },
         )

@@ -6,15 +6,21 @@ Thin handlers: parse the request, ask the Index, render the answer.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web import BaseRequest
+from prometheus_client import Counter
 from packaging.utils import NormalizedName, canonicalize_name
 
 from .cache import Download
 from .errors import NotFound, ProxyError
 from .fsutil import safe_join
 from .index import LocalFile, Rendered
+from .logs import CACHE_OUTCOME
 from .metrics import Metrics
 from .simple_api import negotiate, render_root_html, render_root_json
 from .state import CONFIG, INDEX, METRICS
@@ -46,7 +52,7 @@ def respond_page(request: web.Request, page: Rendered) -> web.Response:
     use_gzip = page.gzipped is not None and "gzip" in request.headers.get("Accept-Encoding", "")
     etag = gz_etag if use_gzip else page.etag
     headers["ETag"] = etag
-    request["cache_outcome"] = page.source
+    request[CACHE_OUTCOME] = page.source
     if _etag_matches(request, (page.etag, gz_etag)):
         return web.Response(status=304, headers=headers)
     if use_gzip:
@@ -118,20 +124,39 @@ async def dist_file(request: web.Request) -> web.StreamResponse:
     )
     metrics = request.app[METRICS]
     headers = {"Content-Type": _content_type(filename), "Cache-Control": _FILE_CACHE_CONTROL}
+    # The content hash is the strongest validator there is; FileResponse adds its
+    # own mtime-size ETag for cached files, and both answer 304.
+    hash_etag = f'"{source.sha256}"' if source.sha256 else None
+    if hash_etag and _etag_matches(request, (hash_etag,)):
+        return web.Response(status=304, headers={"ETag": hash_etag, **headers})
     if isinstance(source, LocalFile):
-        request["cache_outcome"] = source.source
+        request[CACHE_OUTCOME] = source.source
         # FileResponse: sendfile, Range, and ETag/304 from the file's mtime and size.
-        response = web.FileResponse(source.path, chunk_size=256 * 1024, headers=headers)
-        await response.prepare(request)
-        if request.method != "HEAD" and response.status in (200, 206):
-            metrics.bytes_served.labels(source.source).inc(response.content_length or 0)
-        return response
-    request["cache_outcome"] = "upstream"
+        return _CountedFileResponse(
+            source.path, metrics.bytes_served.labels(source.source),
+            chunk_size=256 * 1024, headers=headers,
+        )
+    request[CACHE_OUTCOME] = "upstream"
+    headers["ETag"] = f'"{source.sha256}"'
     if source.size is not None:
         headers["Content-Length"] = str(source.size)
     if source.download is None:  # HEAD of an uncached file: answered from the page
         return web.Response(headers=headers)
     return await _stream(request, source.download, headers, metrics)
+
+
+class _CountedFileResponse(web.FileResponse):
+    """Counts the bytes it sends; only prepare() knows the status and range."""
+
+    def __init__(self, path: Path, counter: Counter, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._counter = counter
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(request)
+        if request.method != "HEAD" and self.status in (200, 206):
+            self._counter.inc(self.content_length or 0)
+        return writer
 
 
 async def _stream(
