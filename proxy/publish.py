@@ -244,7 +244,7 @@ class Publisher:
         except BaseException:
             await asyncio.to_thread(spooled.path.unlink, True)
             raise
-        log.info("upload", extra={"project": name, "filename": dist.filename,
+        log.info("upload", extra={"project": name, "file": dist.filename,
                                   "outcome": outcome, "size": spooled.size})
         return outcome
 

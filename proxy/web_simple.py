@@ -13,8 +13,8 @@ from urllib.parse import quote
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web import BaseRequest
-from prometheus_client import Counter
 from packaging.utils import NormalizedName, canonicalize_name
+from prometheus_client import Counter
 
 from .cache import Download
 from .errors import NotFound, ProxyError

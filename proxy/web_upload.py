@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import BadRequest, ProxyError, TooLarge
 from .publish import CHUNK, MAX_FIELD_BYTES, Spooled, UploadForm, check_form_header
@@ -63,7 +64,10 @@ async def _read_form(request: web.Request, limit: int) -> tuple[UploadForm, Spoo
                 form.add(part.name, await _read_field(part))
             else:
                 await part.release()
-    except (ValueError, AssertionError, RuntimeError, LookupError, UnicodeError) as exc:
+    except (
+        ValueError, AssertionError, RuntimeError, LookupError, UnicodeError, HttpProcessingError,
+        web.RequestPayloadError,
+    ) as exc:
         if spooled is not None:
             spooled.path.unlink(missing_ok=True)
         raise BadRequest(f"Malformed multipart body: {type(exc).__name__}") from None

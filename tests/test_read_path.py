@@ -109,7 +109,7 @@ def test_no_stale_page_and_upstream_down_is_502(
 ) -> None:
     proxy = make_proxy({"upstream": {"url": upstream.url, "timeout": 2}})
     upstream.stop()
-    status, headers, body = get(proxy.url + "/simple/tiny-app/")
+    status, _headers, body = get(proxy.url + "/simple/tiny-app/")
     assert status == 502
     assert b"nupstream" not in body and b"Upstream index unavailable" in body
 
@@ -329,6 +329,6 @@ def test_bad_requests_are_4xx_never_500(
         ("/simple/" + "a" * 300 + "/", {}, 404),
     ]
     for path, headers, expected in cases:
-        status, resp_headers, body = get(proxy.url + path, headers)
+        status, _resp_headers, body = get(proxy.url + path, headers)
         assert status == expected, (path, status, body)
     assert "Traceback" not in proxy.log_text()
