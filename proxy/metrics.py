@@ -94,3 +94,26 @@ class Metrics:
             ["reason"], registry=r,  # missing | invalid | expired | scope | rate_limited
         )
         self.upstream_up.set(1)
+        self._initialize_labels()
+
+    def _initialize_labels(self) -> None:
+        """Export every known label value at 0, so rate() and the dashboard see a
+        series from the first scrape instead of 'No data' until the first event."""
+        for result in ("hit", "miss", "revalidated"):
+            self.index_cache.labels(result)
+        for result in ("hit", "miss", "joined"):
+            self.file_cache.labels(result)
+        for kind in ("page", "file"):
+            self.upstream_latency.labels(kind)
+            for outcome in ("ok", "not_modified", "not_found", "error"):
+                self.upstream_requests.labels(kind, outcome)
+        for outcome in ("stored", "duplicate", "rejected", "error"):
+            self.uploads.labels(outcome)
+        for rule in ("private", "reserved", "forward_off", "upstream"):
+            self.guard_decisions.labels(rule)
+        for action in ("rejected", "warned"):
+            self.upload_collisions.labels(action)
+        for source in ("private", "cache", "upstream"):
+            self.bytes_served.labels(source)
+        for reason in ("missing", "invalid", "expired", "scope", "rate_limited"):
+            self.auth_failures.labels(reason)
