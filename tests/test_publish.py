@@ -218,7 +218,7 @@ def test_credentials_and_scopes(proxy: ProxyServer, artifacts_dir: Path) -> None
     assert as_token.returncode == 0, as_token.stdout + as_token.stderr
     status, _reason, _ = request(proxy.url + "/simple/")
     assert status == 401
-    status, reason, _ = request(proxy.url + "/", method="POST", body=b"x")
+    status, _reason, _ = request(proxy.url + "/", method="POST", body=b"x")
     assert status == 401
     assert not (proxy.data_dir / "tmp").exists() or not any((proxy.data_dir / "tmp").iterdir())
 
