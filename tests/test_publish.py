@@ -408,3 +408,21 @@ def test_yank_delete_and_release(
     assert request(f"{proxy.url}/-/projects/acme-lib", method="DELETE", **admin)[0] == 200
     released = page(proxy, "acme-lib")
     assert [f["filename"] for f in released["files"]] == ["acme_lib-9.0-py3-none-any.whl"]
+
+
+def test_new_token_takes_effect_on_sighup(
+    make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
+) -> None:
+    proxy = make_proxy(auth_config(upstream.url))
+    wheel = build_wheel(artifacts_dir, "acme-lib", "1.0")
+    assert twine_upload(proxy.url + "/", [wheel], "late", "late-secret").returncode != 0
+    tokens = auth_config(upstream.url)["auth"]["tokens"]
+    tokens.append({"name": "late", "sha256": _sha("late-secret"), "scopes": ["write"]})
+    proxy.update_config({"auth": {"tokens": tokens}})
+    proxy.sighup()
+    deadline = time.monotonic() + 10
+    while "config reloaded" not in proxy.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    result = twine_upload(proxy.url + "/", [wheel], "late", "late-secret")
+    assert result.returncode == 0, result.stdout
+    assert "late-secret" not in proxy.log_text()
