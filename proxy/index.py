@@ -87,9 +87,9 @@ class Index:
         self.metrics = metrics
         self._memory_pages = memory_pages
         self._hot: OrderedDict[str, CachedPage] = OrderedDict()
-        self._rendered: OrderedDict[tuple[str, str], tuple[object, float, Rendered]] = (
-            OrderedDict()
-        )
+        self._rendered: OrderedDict[
+            tuple[str, str], tuple[tuple[object, ...], float, Rendered]
+        ] = OrderedDict()
         self._flights: dict[str, asyncio.Future[CachedPage]] = {}
         self._backoff: dict[str, float] = {}
         self._probes: dict[str, asyncio.Task[None]] = {}
@@ -141,19 +141,24 @@ class Index:
     ) -> Rendered:
         """The page for a name in one format. Raises NotFound, UpstreamUnavailable."""
         decision = self.decide(name, config, client)
-        now = time.time()
         if decision.rule == "private":
-            page = await self.store.page(name)
-            if page is None:  # released between the check and the read
+            private = await self.store.page(name)
+            if private is None:  # released between the check and the read
                 raise NotFound(f"No project named {name}")
-            return await self._cached_render(name, fmt, ctype, page, page, float("inf"), "private")
+            return await self._cached_render(
+                name, fmt, ctype, (private,), lambda _now: (private, float("inf")), "private"
+            )
         self._refuse_unless_forwarded(name, decision)
         entry = await self._upstream_page(name, config)
-        if entry.page is None:
+        upstream_page = entry.page
+        if upstream_page is None:
             raise NotFound(f"No project named {name} upstream")
         self._note_served(name)
-        page, valid_until = self._visible(entry.page, config, now)
-        return await self._cached_render(name, fmt, ctype, entry, page, valid_until, "upstream")
+        # The visible page depends on the entry and on the guard settings (min_age).
+        return await self._cached_render(
+            name, fmt, ctype, (entry, config.guard),
+            lambda now: self._visible(upstream_page, config, now), "upstream",
+        )
 
     @staticmethod
     def _refuse_unless_forwarded(name: NormalizedName, decision: Decision) -> None:
@@ -163,14 +168,21 @@ class Index:
             raise NotFound(f"No private project named {name}; forwarding upstream is off")
 
     async def _cached_render(
-        self, name: str, fmt: Format, ctype: str, token: object, page: ProjectPage,
-        valid_until: float, source: Source,
+        self, name: str, fmt: Format, ctype: str, token: tuple[object, ...],
+        build: Callable[[float], tuple[ProjectPage, float]], source: Source,
     ) -> Rendered:
+        """The rendered page from memory while `token`'s objects are the same ones;
+        otherwise build (page, valid_until) and render it."""
         key = (name, ctype)
+        now = time.time()
         hit = self._rendered.get(key)
-        if hit is not None and hit[0] is token and time.time() < hit[1]:
+        if (
+            hit is not None and now < hit[1] and len(hit[0]) == len(token)
+            and all(a is b for a, b in zip(hit[0], token, strict=True))
+        ):
             self._rendered.move_to_end(key)
             return hit[2]
+        page, valid_until = build(now)
         # A 2,000-file page takes milliseconds to render and gzip: off the loop.
         rendered = await asyncio.to_thread(_render, page, fmt, ctype, source)
         if self._memory_pages:
