@@ -63,6 +63,7 @@ class Cache:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_upload: int = 5 * 2**30
+    idle_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,8 +313,12 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
         memory_pages=r.get(s, "cache.", "memory_pages", d.cache.memory_pages,
                            _int_range(0, 1_000_000)),
     )
-    s = r.section(top.get("limits", {}), "limits", {"max_upload"})
-    limits = Limits(max_upload=r.get(s, "limits.", "max_upload", d.limits.max_upload, parse_size))
+    s = r.section(top.get("limits", {}), "limits", {"max_upload", "idle_timeout"})
+    limits = Limits(
+        max_upload=r.get(s, "limits.", "max_upload", d.limits.max_upload, parse_size),
+        idle_timeout=r.get(s, "limits.", "idle_timeout", d.limits.idle_timeout,
+                           _positive_duration),
+    )
     s = r.section(top.get("auth", {}), "auth", {"anonymous_read", "realm", "tokens"})
     auth = Auth(
         anonymous_read=r.get(s, "auth.", "anonymous_read", d.auth.anonymous_read, _bool),

@@ -8,6 +8,7 @@
     |   +-- Forbidden (403)            valid token, missing scope; upload collision rejected
     |   +-- NotFound (404)             unknown project or file; reserved names
     |   +-- NotAcceptable (406)        no representation fits the Accept header
+    |   +-- RequestTimeout (408)       the client stalled while sending its body
     |   +-- TooLarge (413)             upload over limits.max_upload
     |   +-- TooManyRequests (429)      auth failures rate-limited
     +-- UpstreamUnavailable (502)      upstream down, timing out or broken, nothing stale to serve
@@ -67,6 +68,11 @@ class NotFound(ClientError):
 class NotAcceptable(ClientError):
     status = 406
     reason = "No acceptable content type"
+
+
+class RequestTimeout(ClientError):
+    status = 408
+    reason = "Request body stalled; upload cut off"
 
 
 class TooLarge(ClientError):

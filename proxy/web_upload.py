@@ -6,31 +6,48 @@ Messages go in the reason phrase: it is the only server text twine prints.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .errors import BadRequest, ProxyError, TooLarge
+from .errors import BadRequest, ProxyError, RequestTimeout, TooLarge
 from .publish import CHUNK, MAX_FIELD_BYTES, Spooled, UploadForm, check_form_header
 from .state import CONFIG, METRICS, PUBLISHER
+
+T = TypeVar("T")
 
 # Form fields and multipart framing on top of the file itself.
 _ENVELOPE = 64 * 2**20
 
 
-async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+async def _within(idle: float, read: Awaitable[T]) -> T:
+    """One read of the body; a client that stalls longer than `idle` is cut off.
+
+    aiohttp has no body-read timeout of its own, so without this a slowloris
+    client holds a connection and a temp file open forever.
+    """
+    try:
+        async with asyncio.timeout(idle):
+            return await read
+    except TimeoutError:
+        raise RequestTimeout(f"Request body stalled for {idle:g}s; upload cut off") from None
+
+
+async def _part_chunks(part: BodyPartReader, idle: float) -> AsyncIterator[bytes]:
     while True:
-        chunk = await part.read_chunk(CHUNK)
+        chunk = await _within(idle, part.read_chunk(CHUNK))
         if not chunk:
             return
         yield chunk
 
 
-async def _read_field(part: BodyPartReader) -> str:
+async def _read_field(part: BodyPartReader, idle: float) -> str:
     buf = bytearray()
     while True:
-        chunk = await part.read_chunk(64 * 1024)
+        chunk = await _within(idle, part.read_chunk(64 * 1024))
         if not chunk:
             break
         buf += chunk
@@ -39,7 +56,9 @@ async def _read_field(part: BodyPartReader) -> str:
     return buf.decode("utf-8", errors="replace")
 
 
-async def _read_form(request: web.Request, limit: int) -> tuple[UploadForm, Spooled | None]:
+async def _read_form(
+    request: web.Request, limit: int, idle: float,
+) -> tuple[UploadForm, Spooled | None]:
     publisher = request.app[PUBLISHER]
     try:
         reader = await request.multipart()
@@ -49,7 +68,7 @@ async def _read_form(request: web.Request, limit: int) -> tuple[UploadForm, Spoo
     spooled: Spooled | None = None
     try:
         while True:
-            part = await reader.next()
+            part = await _within(idle, reader.next())
             if part is None:
                 break
             if not isinstance(part, BodyPartReader):
@@ -59,9 +78,11 @@ async def _read_form(request: web.Request, limit: int) -> tuple[UploadForm, Spoo
                     raise BadRequest("More than one file in one upload")
                 if ":action" in form.fields:
                     check_form_header(form)  # fail fast, before the bytes arrive
-                spooled = await publisher.spool(_part_chunks(part), part.filename or "", limit)
+                spooled = await publisher.spool(
+                    _part_chunks(part, idle), part.filename or "", limit
+                )
             elif part.name:
-                form.add(part.name, await _read_field(part))
+                form.add(part.name, await _read_field(part, idle))
             else:
                 await part.release()
     except (
@@ -85,7 +106,7 @@ async def upload(request: web.Request) -> web.Response:
     try:
         if request.content_length is not None and request.content_length > limit + _ENVELOPE:
             raise TooLarge(f"File too large: the limit is {limit} bytes (limits.max_upload)")
-        form, spooled = await _read_form(request, limit)
+        form, spooled = await _read_form(request, limit, config.limits.idle_timeout)
         if spooled is None:
             check_form_header(form)
             raise BadRequest("Missing the 'content' file part")

@@ -426,3 +426,28 @@ def test_new_token_takes_effect_on_sighup(
     result = twine_upload(proxy.url + "/", [wheel], "late", "late-secret")
     assert result.returncode == 0, result.stdout
     assert "late-secret" not in proxy.log_text()
+
+
+def test_stalled_upload_body_is_cut_off(
+    make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
+) -> None:
+    import http.client
+
+    proxy = make_proxy(auth_config(upstream.url, limits={"idle_timeout": 1}))
+    wheel = build_wheel(artifacts_dir, "acme-lib", "1.0", extra_bytes=2**20)
+    body, ctype = multipart(form_for(wheel), wheel.name, wheel.read_bytes())
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    conn.putrequest("POST", "/")
+    conn.putheader("Content-Type", ctype)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.putheader("Authorization", "Basic " + base64.b64encode(
+        f"{WRITER}:{WRITER_SECRET}".encode()).decode())
+    conn.endheaders()
+    conn.send(body[:4096])  # then nothing: a slowloris client
+    started = time.monotonic()
+    response = conn.getresponse()
+    assert response.status == 408
+    assert time.monotonic() - started < 10
+    conn.close()
+    assert not list((proxy.data_dir / "tmp").glob(".tmp-*"))
+    assert not (proxy.data_dir / "private" / "acme-lib").exists()
