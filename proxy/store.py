@@ -119,7 +119,8 @@ class PrivateStore:
         pdir = self._project_dir(name)
         try:
             with self._locked(pdir):
-                page = self._read_index(name) or ProjectPage(name=name, files=())
+                known = self._read_index(name)
+                page = known or ProjectPage(name=name, files=())
                 existing = page.file(entry.filename)
                 if existing is not None:
                     if existing.sha256 == entry.sha256:
@@ -136,6 +137,10 @@ class PrivateStore:
                     # the file commit and the index commit: the index is the truth.
                     commit(content, final)
                 self._write_index(replace(page, files=(*page.files, entry), versions=()))
+                if known is None:
+                    # names() trusts the root's mtime; the directory may have been
+                    # created before this index existed, so mark the root changed.
+                    os.utime(self.root)
                 return "stored"
         finally:
             content.unlink(missing_ok=True)

@@ -451,3 +451,16 @@ def test_stalled_upload_body_is_cut_off(
     conn.close()
     assert not list((proxy.data_dir / "tmp").glob(".tmp-*"))
     assert not (proxy.data_dir / "private" / "acme-lib").exists()
+
+
+def test_root_index_lists_new_private_names(proxy: ProxyServer, artifacts_dir: Path) -> None:
+    def listed() -> set[str]:
+        body = request(proxy.url + "/simple/", user=READER, secret=READER_SECRET,
+                       headers={"Accept": JSON_V1})[2]
+        return {p["name"] for p in orjson.loads(body)["projects"]}
+
+    assert listed() == set()
+    for i in range(3):
+        wheel = build_wheel(artifacts_dir, f"acme-n{i}", "1.0")
+        assert twine_upload(proxy.url + "/", [wheel], WRITER, WRITER_SECRET).returncode == 0
+        assert f"acme-n{i}" in listed()
