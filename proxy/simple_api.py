@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote, urldefrag, urljoin, urlsplit
 import orjson
 from packaging.utils import NormalizedName, canonicalize_name
 
-from .dists import guess_version
+from .dists import guess_version, is_safe_filename
 from .errors import BadRequest, NotAcceptable
 from .model import FileEntry, ProjectPage
 
@@ -116,7 +116,7 @@ def _match(ctype: str, ranges: list[tuple[str, float]]) -> tuple[float, int, int
 
 def file_href(project: NormalizedName, filename: str) -> str:
     """Relative from /simple/<project>/, so any reverse-proxy prefix works."""
-    return f"../../files/{project}/{quote(filename)}"
+    return f"../../files/{project}/{quote(filename, safe='')}"
 
 
 def project_href(project: NormalizedName) -> str:
@@ -260,6 +260,8 @@ def _parse_json(body: bytes, page_url: str, project: NormalizedName) -> ProjectP
         files = []
         for raw in raw_files:
             filename = str(raw["filename"])
+            if not is_safe_filename(filename):
+                continue  # could not be served from one path segment: never list it
             yanked = raw.get("yanked", False)
             meta = raw.get("core-metadata", raw.get("dist-info-metadata"))
             size = raw.get("size")
@@ -322,6 +324,8 @@ def _parse_html(body: bytes, page_url: str, project: NormalizedName) -> ProjectP
             continue
         url, fragment = urldefrag(urljoin(page_url, href))
         filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or text
+        if not is_safe_filename(filename):
+            continue
         hashes: dict[str, str] = {}
         algo, sep, digest = fragment.partition("=")
         if sep and algo in ("sha256", "sha384", "sha512", "md5"):

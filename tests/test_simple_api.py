@@ -146,3 +146,15 @@ def test_root_lists_projects_relatively() -> None:
     names = [NormalizedName("a"), NormalizedName("b-c")]
     assert '<a href="b-c/">b-c</a>' in render_root_html(names).decode()
     assert orjson.loads(render_root_json(names))["projects"] == [{"name": "a"}, {"name": "b-c"}]
+
+
+def test_unsafe_upstream_filenames_are_dropped() -> None:
+    body = orjson.dumps({"meta": {"api-version": "1.1"}, "name": "x", "files": [
+        {"filename": "../../etc/passwd", "url": "a", "hashes": {}},
+        {"filename": "x-1.0.tar.gz", "url": "x-1.0.tar.gz", "hashes": {"sha256": "a" * 64}},
+    ]})
+    page = parse_page(body, JSON_V1, "http://u/simple/x/", NormalizedName("x"))
+    assert [f.filename for f in page.files] == ["x-1.0.tar.gz"]
+    html_body = b'<a href="../%2e%2e%2fevil.tar.gz">evil</a><a href="x-1.0.tar.gz">x</a>'
+    page = parse_page(html_body, "text/html", "http://u/simple/x/", NormalizedName("x"))
+    assert [f.filename for f in page.files] == ["x-1.0.tar.gz"]
