@@ -1,7 +1,8 @@
 """create_app(config): services, middlewares, the route table, SIGHUP reload.
 
 The whole HTTP surface is on one screen in _routes(); resources are opened
-before the app starts and closed in its cleanup context.
+before the app starts and closed in its cleanup context. Lifecycle counts the
+requests in flight, so that a graceful shutdown (cli.py) can let them finish.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin
 
 from aiohttp import web
 from packaging.utils import NormalizedName
@@ -40,6 +41,33 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ROUTE_SCOPES = {"simple": "read", "files": "read", "upload": "write", "admin": "admin"}
 
 
+class Lifecycle:
+    """Handlers running and whether the server is draining for a shutdown."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.draining = False
+        # loop.time() by which the shutdown must be over; None while serving.
+        self.deadline: float | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+
 def _routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/simple/", web_simple.root, name="simple")
@@ -64,6 +92,25 @@ def _scope_for(request: web.Request) -> str | None:
         if route == prefix or route.startswith(prefix + "-"):
             return scope
     return None
+
+
+@web.middleware
+async def lifecycle_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: counts the request while its handler runs.
+
+    A FileResponse is sent after the handler returns; cli.py waits for those
+    separately, by waiting for their connections to close.
+    """
+    life = request.app[LIFECYCLE]
+    life.enter()
+    try:
+        response = await handler(request)
+        if life.draining:
+            # Finish this request, take no further one on its connection.
+            response.force_close()
+        return response
+    finally:
+        life.leave()
 
 
 @web.middleware
@@ -129,6 +176,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as exc:
         status = exc.status
         raise
+    except (ConnectionError, asyncio.CancelledError):
+        # The client went away (or was cut off): nginx's 499, not a server error.
+        status = 499
+        raise
     finally:
         metrics.requests.labels(label, request.method, str(status)).inc()
         metrics.request_latency.labels(label).observe(time.monotonic() - started)
@@ -162,8 +213,9 @@ async def _on_startup(app: web.Application) -> None:
 def upstream_probe(upstream: UpstreamClient) -> Callable[[NormalizedName, Config],
                                                         Awaitable[bool]]:
     async def has(name: NormalizedName, config: Config) -> bool:
+        # Quoted: a name is one path segment below the index, whatever it holds.
         resp = await upstream.fetch_page(
-            urljoin(config.upstream.url, f"{name}/"), config.upstream.timeout
+            urljoin(config.upstream.url, f"{quote(name, safe='')}/"), config.upstream.timeout
         )
         return resp.outcome in ("ok", "not_modified")
     return has
@@ -187,7 +239,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         log.info("removed temp files left by an earlier crash", extra={"count": swept})
 
     app = web.Application(
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[lifecycle_middleware, metrics_middleware, error_middleware, auth_middleware],
         client_max_size=1024**2,
     )
     app[CONFIG] = LiveConfig(config, config_path)
@@ -196,14 +248,17 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     app[INDEX] = index
     app[PUBLISHER] = publisher
     app[AUTH] = Authenticator()
+    life = app[LIFECYCLE] = Lifecycle()
 
     async def resources(_app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
         yield
-        # In-flight cache fills finish within the shutdown grace period.
-        try:
-            await asyncio.wait_for(artifacts.drain(), timeout=10)
-        except TimeoutError:
+        # Cache fills whose clients have gone get what is left of the shutdown
+        # grace (at most 10 s); one cut off just leaves nothing in the cache.
+        budget = 10.0
+        if life.deadline is not None:
+            budget = max(0.0, min(budget, life.deadline - asyncio.get_running_loop().time()))
+        if not await artifacts.drain(budget):
             log.warning("cache downloads cut off at shutdown")
         await upstream.close()
         await asyncio.to_thread(pages.close)

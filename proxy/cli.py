@@ -20,14 +20,17 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from . import __version__
-from .app import create_app
+from .app import LIFECYCLE, create_app
 from .auth import hash_secret, new_secret
 from .config import SCOPES, Config, ConfigError, Listen, load_config
 from .logs import AccessLogger, setup_logging
 
 log = logging.getLogger("indexguard")
 EXIT_CONFIG = 2
+# After SIGTERM: how long requests in flight (downloads, uploads) may take to finish.
 SHUTDOWN_GRACE = 30.0
+# Then: how long aiohttp waits for handlers whose connections were cut to unwind.
+_CANCEL_WAIT = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,14 +104,74 @@ def _install_uvloop() -> None:
 
 def _run_worker(config: Config, path: str | None, reuse_port: bool) -> None:
     _install_uvloop()
+    asyncio.run(_serve_until_signal(config, path, reuse_port))
+
+
+async def _serve_until_signal(config: Config, path: str | None, reuse_port: bool) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully.
+
+    Not web.run_app: its shutdown first marks every connection closing, and a
+    closing aiohttp connection drops the bytes still arriving, so an upload in
+    flight could never finish. Here the listener closes first, requests in
+    flight get SHUTDOWN_GRACE to finish (a second signal cuts that short),
+    and only then does aiohttp close connections and cancel what is left.
+    """
+    app = await create_app(config, path)
     access = logging.getLogger("indexguard.access") if config.log.access_log else None
-    web.run_app(
-        create_app(config, path),
-        host=config.listen.host, port=config.listen.port,
-        access_log=access, access_log_class=AccessLogger,
-        shutdown_timeout=SHUTDOWN_GRACE, reuse_port=reuse_port or None,
-        backlog=2048, print=None, handle_signals=True,
+    runner = web.AppRunner(
+        app, access_log=access, access_log_class=AccessLogger,
+        # aiohttp arms this timer when a connection opens too, so it also bounds
+        # how long a client may take to send its request headers (slowloris);
+        # a stalled body is web_upload's business. Fixed until a restart.
+        keepalive_timeout=config.limits.idle_timeout,
+        shutdown_timeout=_CANCEL_WAIT, handle_signals=False,
     )
+    await runner.setup()
+    try:
+        site = web.TCPSite(
+            runner, config.listen.host, config.listen.port,
+            backlog=2048, reuse_port=reuse_port or None,
+        )
+        await site.start()
+        loop = asyncio.get_running_loop()
+        signals = asyncio.Queue[int]()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, signals.put_nowait, signum)
+        received = await signals.get()
+        await site.stop()
+        life = app[LIFECYCLE]
+        life.draining = True
+        life.deadline = loop.time() + SHUTDOWN_GRACE
+        log.info("shutting down: listener closed, letting requests in flight finish",
+                 extra={"signal": signal.Signals(received).name, "in_flight": life.active,
+                        "grace_s": SHUTDOWN_GRACE})
+        again = asyncio.ensure_future(signals.get())
+        # 1. Handlers (uploads still receiving, streamed downloads) finish.
+        idle = asyncio.ensure_future(life.wait_idle())
+        await asyncio.wait((idle, again), timeout=SHUTDOWN_GRACE,
+                           return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        # 2. Responses still being sent (cached files go out after their handler
+        # returned) finish; idle keep-alive connections close at once.
+        server = runner.server
+        if server is not None:
+            server.pre_shutdown()
+            while server.connections and not again.done() and loop.time() < life.deadline:
+                await asyncio.sleep(0.1)
+            if server.connections:
+                life.deadline = loop.time()  # nothing more for cache fills either
+                log.warning("shutdown grace over or cut short; cutting requests in flight",
+                            extra={"connections": len(server.connections)})
+                for conn in server.connections:
+                    # abort, not close: close waits to flush to a client that
+                    # may never read again.
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                    conn.force_close()
+        again.cancel()
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
 
 
 def _supervise(config: Config, path: str | None, workers: int) -> int:

@@ -67,8 +67,11 @@ class UpstreamClient:
         return self._client
 
     def _record(self, kind: str, outcome: str, started: float) -> None:
-        self._metrics.upstream_requests.labels(kind, outcome).inc()
         self._metrics.upstream_latency.labels(kind).observe(time.monotonic() - started)
+        self._count(kind, outcome)
+
+    def _count(self, kind: str, outcome: str) -> None:
+        self._metrics.upstream_requests.labels(kind, outcome).inc()
         self.last_ok = outcome != "error"
         self._metrics.upstream_up.set(1 if self.last_ok else 0)
 
@@ -101,10 +104,19 @@ class UpstreamClient:
                 if (resp.content_length or 0) > MAX_PAGE_BYTES:
                     self._record("page", "error", started)
                     return PageResponse("unavailable", url, reason="upstream page too large")
-                body = await resp.content.read(MAX_PAGE_BYTES + 1)
-                if len(body) > MAX_PAGE_BYTES:
-                    self._record("page", "error", started)
-                    return PageResponse("unavailable", url, reason="upstream page too large")
+                # To the end of the body: content.read(n) returns whatever has
+                # arrived so far, which would take a page cut short (or still
+                # in flight) for the whole page. A body shorter than its
+                # Content-Length raises ClientPayloadError here.
+                parts: list[bytes] = []
+                size = 0
+                async for part in resp.content.iter_chunked(256 * 1024):
+                    size += len(part)
+                    if size > MAX_PAGE_BYTES:
+                        self._record("page", "error", started)
+                        return PageResponse("unavailable", url, reason="upstream page too large")
+                    parts.append(part)
+                body = b"".join(parts)
                 self._record("page", "ok", started)
                 return PageResponse(
                     "ok", str(resp.url), body=body,
@@ -143,7 +155,14 @@ class UpstreamClient:
             if resp.status != 200:
                 self._record("file", "error", started)
                 raise UpstreamUnavailable(f"Upstream answered {resp.status} for the file")
-            self._record("file", "ok", started)
-            yield resp
+            self._metrics.upstream_latency.labels("file").observe(time.monotonic() - started)
+            try:
+                yield resp
+            except Exception:
+                # Headers arrived but the body did not (reset, truncation, a
+                # stall past the timeout): a failed request, counted as one.
+                self._count("file", "error")
+                raise
+            self._count("file", "ok")
         finally:
             resp.release()
