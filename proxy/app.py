@@ -14,7 +14,6 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from urllib.parse import quote, urljoin
 
 from aiohttp import web
 from packaging.utils import NormalizedName
@@ -29,6 +28,7 @@ from .index import Index
 from .logs import TOKEN_NAME
 from .metrics import Metrics
 from .publish import Publisher
+from .simple_api import upstream_page_url
 from .state import AUTH, CONFIG, INDEX, METRICS, PUBLISHER, STORE, LiveConfig
 from .store import PrivateStore
 from .upstream import UpstreamClient
@@ -215,7 +215,7 @@ def upstream_probe(upstream: UpstreamClient) -> Callable[[NormalizedName, Config
     async def has(name: NormalizedName, config: Config) -> bool:
         # Quoted: a name is one path segment below the index, whatever it holds.
         resp = await upstream.fetch_page(
-            urljoin(config.upstream.url, f"{quote(name, safe='')}/"), config.upstream.timeout
+            upstream_page_url(config.upstream.url, name), config.upstream.timeout
         )
         return resp.outcome in ("ok", "not_modified")
     return has

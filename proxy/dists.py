@@ -47,6 +47,16 @@ def normalize_name(name: str) -> NormalizedName:
         raise BadRequest(f"Invalid project name {name[:100]!r}: see PEP 508") from None
 
 
+def name_from_url(raw: str) -> NormalizedName | None:
+    """The normalized project name in a URL segment, None if it is not a PEP 508 name."""
+    if len(raw) > 200:
+        return None
+    try:
+        return canonicalize_name(raw, validate=True)
+    except InvalidName:
+        return None
+
+
 def parse_version(text: str) -> Version:
     """Raises BadRequest when text is not a PEP 440 version."""
     try:

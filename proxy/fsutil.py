@@ -29,7 +29,25 @@ def safe_join(root: Path, *parts: str) -> Path:
 
 
 def temp_path(tmp_dir: Path, hint: str = "") -> Path:
-    return tmp_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}{hint}"
+    # The writer's pid is in the name so that a worker starting up sweeps only
+    # the leftovers of dead processes, never a live sibling's upload.
+    return tmp_dir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}{hint}"
+
+
+def _writer_alive(name: str) -> bool:
+    pid_text = name[len(TMP_PREFIX):].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():  # sweeping happens before this process writes any
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fsync_dir(path: Path) -> None:
@@ -84,14 +102,14 @@ def raise_if_full(exc: OSError) -> None:
 
 
 def sweep_temp(root: Path, older_than: float = 0.0) -> int:
-    """Remove leftover temp files below root (crashed writes). Returns the count."""
+    """Remove temp files below root left by processes that are gone. Returns the count."""
     removed = 0
     cutoff = time.time() - older_than
     if not root.exists():
         return 0
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            if name.startswith(TMP_PREFIX):
+            if name.startswith(TMP_PREFIX) and not _writer_alive(name):
                 path = Path(dirpath, name)
                 try:
                     if path.stat().st_mtime <= cutoff:

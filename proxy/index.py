@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urljoin
 
 from packaging.utils import NormalizedName
 
@@ -29,7 +28,7 @@ from .errors import NotFound, UpstreamUnavailable
 from .guard import CollisionLedger, Decision, decide, matures_at, too_young
 from .metrics import Metrics
 from .model import ProjectPage
-from .simple_api import Format, PageParseError, parse_page, render
+from .simple_api import Format, PageParseError, parse_page, render, upstream_page_url
 from .store import PrivateStore
 from .upstream import UpstreamClient
 
@@ -120,7 +119,7 @@ class Index:
 
     async def _probe(self, name: NormalizedName, rule: str, config: Config) -> None:
         resp = await self.upstream.fetch_page(
-            urljoin(config.upstream.url, f"{name}/"), config.upstream.timeout
+            upstream_page_url(config.upstream.url, name), config.upstream.timeout
         )
         if resp.outcome == "unavailable":
             return
@@ -252,7 +251,7 @@ class Index:
     async def _refresh(
         self, name: NormalizedName, entry: CachedPage | None, config: Config
     ) -> CachedPage:
-        url = urljoin(config.upstream.url, f"{name}/")
+        url = upstream_page_url(config.upstream.url, name)
         has_page = entry is not None and entry.page is not None
         resp = await self.upstream.fetch_page(
             url, config.upstream.timeout,

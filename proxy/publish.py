@@ -122,6 +122,10 @@ def check_digests(form: UploadForm, spooled: Spooled) -> None:
     given = {k: (form.get(k) or "").strip().lower() for k in declared}
     if not any(given.values()):
         raise BadRequest("Missing digest: send sha256_digest (twine and uv do)")
+    for key, value in given.items():
+        # compare_digest raises TypeError on non-ASCII str: check the form first.
+        if value and (len(value) > 128 or not all(c in "0123456789abcdef" for c in value)):
+            raise BadRequest(f"The {key} is not a hex digest")
     for key, actual in declared.items():
         if given[key] and not hmac.compare_digest(given[key], actual):
             raise BadRequest(f"The {key} does not match the uploaded file's contents")

@@ -119,6 +119,11 @@ def file_href(project: NormalizedName, filename: str) -> str:
     return f"../../files/{project}/{quote(filename, safe='')}"
 
 
+def upstream_page_url(index_url: str, project: NormalizedName) -> str:
+    """The upstream page of a project; quoted, so no name can steer the request."""
+    return urljoin(index_url, f"{quote(project, safe='')}/")
+
+
 def project_href(project: NormalizedName) -> str:
     return f"{project}/"
 

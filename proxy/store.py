@@ -43,10 +43,29 @@ class PrivateStore:
         self._names: tuple[int, list[NormalizedName]] | None = None
 
     def open(self) -> int:
-        """Create directories and sweep temp files left by a crash. Blocking."""
+        """Create directories; sweep temp files and unlisted files left by a crash.
+
+        Blocking; returns how many files were removed.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        return sweep_temp(self.root) + sweep_temp(self.tmp_dir)
+        removed = sweep_temp(self.root) + sweep_temp(self.tmp_dir)
+        for name in self._scan_names():
+            removed += self._sweep_orphans(name)
+        return removed
+
+    def _sweep_orphans(self, name: NormalizedName) -> int:
+        """Files committed by an upload that died before its index commit."""
+        removed = 0
+        with self._locked(self._project_dir(name)):
+            page = self._read_index(name)
+            listed = {f.filename for f in page.files} if page is not None else set()
+            listed |= {f + ".metadata" for f in listed}
+            for entry in os.scandir(self._project_dir(name) / "files"):
+                if entry.name not in listed:
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
 
     # --- reads -------------------------------------------------------------------
 
@@ -130,13 +149,21 @@ class PrivateStore:
                         "different contents; bump the version instead"
                     )
                 final = self.file_path(name, entry.filename)
-                if metadata is not None:
-                    write_atomic(final.with_name(final.name + ".metadata"), metadata, self.tmp_dir)
-                if not commit_new(content, final):
-                    # A file with no index entry is a leftover of a crash between
-                    # the file commit and the index commit: the index is the truth.
-                    commit(content, final)
-                self._write_index(replace(page, files=(*page.files, entry), versions=()))
+                meta_path = final.with_name(final.name + ".metadata")
+                try:
+                    if metadata is not None:
+                        write_atomic(meta_path, metadata, self.tmp_dir)
+                    if not commit_new(content, final):
+                        # A file with no index entry is a leftover of a crash between
+                        # the file commit and the index commit: the index is the truth.
+                        commit(content, final)
+                    self._write_index(replace(page, files=(*page.files, entry), versions=()))
+                except BaseException:
+                    # Not listed, so not visible: remove it rather than leave an
+                    # orphan (the name was checked free above, under the lock).
+                    final.unlink(missing_ok=True)
+                    meta_path.unlink(missing_ok=True)
+                    raise
                 if known is None:
                     # names() trusts the root's mtime; the directory may have been
                     # created before this index existed, so mark the root changed.

@@ -13,10 +13,11 @@ from urllib.parse import quote
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web import BaseRequest
-from packaging.utils import NormalizedName, canonicalize_name
+from packaging.utils import NormalizedName
 from prometheus_client import Counter
 
 from .cache import Download
+from .dists import name_from_url
 from .errors import NotFound, ProxyError
 from .fsutil import safe_join
 from .index import LocalFile, Rendered
@@ -66,10 +67,17 @@ def respond_page(request: web.Request, page: Rendered) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
+def _project_name(raw: str) -> NormalizedName:
+    """Raises NotFound for anything that is not a project name: such a request
+    never reaches the store or the upstream."""
+    name = name_from_url(raw)
+    if name is None:
+        raise NotFound("Not a valid project name")
+    return name
+
+
 def _normalized_or_redirect(request: web.Request, raw: str, suffix: str) -> NormalizedName:
-    name = canonicalize_name(raw)
-    if not name or any(ch in raw for ch in "/\\\x00") or len(raw) > 200:
-        raise NotFound("Not found")
+    name = _project_name(raw)
     if raw != name:
         # PEP 503: redirect to the normalized URL; relative, for path prefixes.
         location = f"../{quote(name)}{suffix}"
@@ -99,7 +107,7 @@ async def project(request: web.Request) -> web.StreamResponse:
 
 async def project_no_slash(request: web.Request) -> web.StreamResponse:
     raw = request.match_info["project"]
-    location = f"{quote(canonicalize_name(raw))}/"
+    location = f"{quote(_project_name(raw))}/"
     if request.query_string:
         location += "?" + request.query_string
     raise web.HTTPMovedPermanently(location)
@@ -113,7 +121,7 @@ def _content_type(filename: str) -> str:
 
 async def dist_file(request: web.Request) -> web.StreamResponse:
     raw, filename = request.match_info["project"], request.match_info["filename"]
-    name = canonicalize_name(raw)
+    name = _project_name(raw)
     # Reject traversal and odd names before anything touches the disk.
     safe_join(request.app[INDEX].store.root, name, filename)
     if raw != name:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from packaging.utils import NormalizedName
@@ -66,3 +67,26 @@ def test_min_age_hides_young_files_only() -> None:
     assert not too_young(unknown, name, config, now)
     assert not too_young(young, NormalizedName("trusted-x"), config, now + 3600)
     assert not too_young(young, name, Config(), now + 3600)
+
+
+def test_temp_sweep_spares_live_writers(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from proxy.fsutil import TMP_PREFIX, sweep_temp, temp_path
+
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        mine = temp_path(tmp_path)  # this process: a leftover of an earlier run
+        live = tmp_path / f"{TMP_PREFIX}{sibling.pid}-abc.part"
+        dead = tmp_path / f"{TMP_PREFIX}999999999-abc.part"
+        legacy = tmp_path / f"{TMP_PREFIX}deadbeef.part"
+        for path in (mine, live, dead, legacy):
+            path.write_bytes(b"x")
+        assert sweep_temp(tmp_path) == 3
+        assert [p.name for p in tmp_path.iterdir()] == [live.name]
+        assert os.getpid() != sibling.pid
+    finally:
+        sibling.kill()
+        sibling.wait()

@@ -133,12 +133,12 @@ async def send(request: web.Request, payload: Payload, fault: Fault | None) -> w
     resp = web.StreamResponse(headers=payload.headers)
     resp.headers["Content-Type"] = payload.content_type
     resp.content_length = declared
-    await resp.prepare(request)
-    if request.method == "HEAD":
-        await resp.write_eof()
-        return resp
     # The client went away (or we cut it off): nothing is left to answer.
     with contextlib.suppress(ConnectionError):
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            await resp.write_eof()
+            return resp
         await _write_body(request, resp, payload, kind, params)
     return resp
 
@@ -177,7 +177,9 @@ async def _write_body(
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Linger 0 turns close into a TCP RST: the client sees ECONNRESET.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # The client may have gone already (EBADF): then there is nothing to reset.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
         return
     await resp.write_eof()
