@@ -13,20 +13,26 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 
 from aiohttp import web
+from prometheus_client.multiprocess import mark_process_dead
 
 from . import __version__
 from .app import LIFECYCLE, create_app
 from .auth import hash_secret, new_secret
 from .config import SCOPES, Config, ConfigError, Listen, load_config
 from .logs import AccessLogger, setup_logging
+from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("indexguard")
 EXIT_CONFIG = 2
+# Marks a process started by the supervisor: it serves instead of supervising.
+WORKER_ENV = "INDEXGUARD_WORKER"
 # After SIGTERM: how long requests in flight (downloads, uploads) may take to finish.
 SHUTDOWN_GRACE = 30.0
 # Then: how long aiohttp waits for handlers whose connections were cut to unwind.
@@ -174,39 +180,37 @@ async def _serve_until_signal(config: Config, path: str | None, reuse_port: bool
     log.info("stopped")
 
 
-def _supervise(config: Config, path: str | None, workers: int) -> int:
-    """Fork workers sharing the port (SO_REUSEPORT); forward SIGTERM/SIGHUP to them."""
-    children: list[int] = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            try:
-                _run_worker(config, path, reuse_port=True)
-            finally:
-                os._exit(0)
-        children.append(pid)
+def _supervise(config: Config, argv: list[str], workers: int) -> int:
+    """Start workers sharing the port (SO_REUSEPORT); forward SIGTERM/SIGHUP to them.
+
+    Workers are fresh interpreters, not forks: prometheus_client picks its
+    multi-process mode from the environment when it is first imported, and a
+    fork would inherit this process's single-process metrics.
+    """
+    metrics_dir = (config.data_dir / "metrics").resolve()
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # samples of an earlier run
+    metrics_dir.mkdir(parents=True)
+    env = {**os.environ, WORKER_ENV: "1", MULTIPROC_ENV: str(metrics_dir)}
+    cmd = [sys.executable, "-m", "proxy", *argv]
+    children = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
+                child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGHUP, forward)
     status = 0
     for child in children:
-        while True:
-            try:
-                _pid, code = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        status = status or os.waitstatus_to_exitcode(code)
+        code = child.wait()
+        mark_process_dead(child.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+        status = status or code
     return status
 
 
-def serve(path: str | None, host: str | None, port: int | None) -> int:
+def serve(path: str | None, host: str | None, port: int | None, argv: Sequence[str]) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -228,8 +232,11 @@ def serve(path: str | None, host: str | None, port: int | None) -> int:
         "upstream": config.upstream.url, "forward": config.upstream.forward,
         "data_dir": str(config.data_dir.resolve()), "workers": config.worker_count,
     })
+    if os.environ.get(WORKER_ENV):
+        _run_worker(config, path, reuse_port=True)
+        return 0
     if config.worker_count > 1:
-        return _supervise(config, path, config.worker_count)
+        return _supervise(config, list(argv), config.worker_count)
     _run_worker(config, path, reuse_port=False)
     return 0
 
@@ -237,7 +244,8 @@ def serve(path: str | None, host: str | None, port: int | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return serve(args.config, args.host, args.port)
+        return serve(args.config, args.host, args.port,
+                     argv if argv is not None else sys.argv[1:])
     if args.command == "check-config":
         return check_config(args.file)
     if args.command == "token" and args.token_command == "new":

@@ -6,7 +6,14 @@ workers) can live in one process without clashing.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+# Set by the supervisor for its worker processes (prometheus_client's own switch):
+# every worker writes its samples there and /metrics adds them up.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -15,6 +22,7 @@ class Metrics:
     """The metric objects; names and labels are documented in the README."""
 
     def __init__(self) -> None:
+        self._multiproc_dir = os.environ.get(MULTIPROC_ENV)
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "indexguard_http_requests", "HTTP requests answered",
@@ -34,9 +42,11 @@ class Metrics:
         )
         self.cache_bytes = Gauge(
             "indexguard_cache_bytes", "Bytes of upstream artifacts in the disk cache", registry=r,
+            multiprocess_mode="livemax",  # workers share one disk cache
         )
         self.cache_entries = Gauge(
             "indexguard_cache_entries", "Upstream artifacts in the disk cache", registry=r,
+            multiprocess_mode="livemax",
         )
         self.cache_evictions = Counter(
             "indexguard_cache_evictions", "Artifacts evicted to stay under cache.max_bytes",
@@ -53,7 +63,7 @@ class Metrics:
         )
         self.upstream_up = Gauge(
             "indexguard_upstream_up", "1 when the last upstream request got an answer, else 0",
-            registry=r,
+            registry=r, multiprocess_mode="livemostrecent",
         )
         self.stale_pages = Counter(
             "indexguard_stale_pages_served", "Cached pages served because upstream failed",
@@ -95,6 +105,14 @@ class Metrics:
         )
         self.upstream_up.set(1)
         self._initialize_labels()
+
+    def exposition(self) -> bytes:
+        """The text format for /metrics: this process's, or all workers' summed."""
+        if self._multiproc_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self._multiproc_dir)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
     def _initialize_labels(self) -> None:
         """Export every known label value at 0, so rate() and the dashboard see a
