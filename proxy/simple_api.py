@@ -6,6 +6,7 @@ PEP 658/714 (metadata files), PEP 700 (versions, size, upload-time).
 
 from __future__ import annotations
 
+import functools
 import html
 from collections.abc import Iterable, Mapping
 from html.parser import HTMLParser
@@ -36,6 +37,9 @@ UPSTREAM_ACCEPT = f"{JSON_V1}, {HTML_V1};q=0.2, {TEXT_HTML};q=0.01"
 Format = Literal["html", "json"]
 
 
+# Clients send a handful of distinct Accept headers (pip's, uv's, a browser's):
+# memoizing the pure parse takes it off the hot path (seen in a py-spy profile).
+@functools.lru_cache(maxsize=512)
 def negotiate(accept: str | None, format_query: str | None = None) -> tuple[Format, str]:
     """Pick (format, content type) per PEP 691 from Accept or PyPI's ?format=.
 
