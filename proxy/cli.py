@@ -99,17 +99,7 @@ def token_new(name: str, scopes_text: str, expires: str | None) -> int:
     return 0
 
 
-def _install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    # uvloop's faster transports roughly double small-response throughput.
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def _run_worker(config: Config, path: str | None, reuse_port: bool) -> None:
-    _install_uvloop()
     asyncio.run(_serve_until_signal(config, path, reuse_port))
 
 

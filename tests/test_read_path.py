@@ -332,3 +332,39 @@ def test_bad_requests_are_4xx_never_500(
         status, _resp_headers, body = get(proxy.url + path, headers)
         assert status == expected, (path, status, body)
     assert "Traceback" not in proxy.log_text()
+
+
+def test_large_upstream_page_is_read_whole(
+    make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
+) -> None:
+    # content.read(n) returns what is buffered, not n bytes: a page larger than
+    # one socket read (64 KiB) once came back truncated and answered 502.
+    wheels = [build_wheel(artifacts_dir, "many-files", f"1.{i}") for i in range(250)]
+    for wheel in wheels:
+        upstream.add(wheel)
+    proxy = make_proxy({"upstream": {"url": upstream.url}})
+    status, _h, body = get(proxy.url + "/simple/many-files/", {"Accept": JSON_V1})
+    assert status == 200
+    assert len(body) > 64 * 1024
+    assert len(orjson.loads(body)["files"]) == 250
+
+
+def test_cached_files_keep_the_connection_alive(
+    make_proxy: MakeProxy, upstream: FakeUpstream, published: dict[str, Path],
+) -> None:
+    # A FileResponse prepared twice broke keep-alive after every cached file.
+    import http.client
+
+    proxy = make_proxy({"upstream": {"url": upstream.url}})
+    path = "/files/tiny-app/" + published["app"].name
+    assert get(proxy.url + path)[0] == 200  # cached now
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        for _ in range(3):
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert hashlib.sha256(resp.read()).hexdigest() == sha256_file(published["app"])
+            assert resp.getheader("Connection", "").lower() != "close"
+    finally:
+        conn.close()
