@@ -20,13 +20,14 @@ from packaging.utils import NormalizedName
 
 from . import __version__, web_admin, web_ops, web_simple, web_upload
 from .auth import Authenticator
-from .cache import ArtifactCache, PageCache
+from .cache import ArtifactCache
 from .config import Config, ConfigError, load_config
 from .errors import ProxyError, Unauthorized
 from .guard import CollisionLedger
 from .index import Index
 from .logs import TOKEN_NAME
 from .metrics import Metrics
+from .pagecache import PageCache
 from .publish import Publisher
 from .simple_api import upstream_page_url
 from .state import AUTH, CONFIG, INDEX, METRICS, PUBLISHER, STORE, LiveConfig

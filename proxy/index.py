@@ -21,13 +21,15 @@ from typing import Any, Literal
 
 from packaging.utils import NormalizedName
 
-from .cache import ArtifactCache, CachedPage, Download, PageCache
+from .cache import ArtifactCache
 from .config import Config
 from .dists import METADATA_SUFFIX
+from .download import Download
 from .errors import NotFound, UpstreamUnavailable
 from .guard import CollisionLedger, Decision, decide, matures_at, too_young
 from .metrics import Metrics
 from .model import ProjectPage
+from .pagecache import CachedPage, PageCache
 from .simple_api import Format, PageParseError, parse_page, render, upstream_page_url
 from .store import PrivateStore
 from .upstream import UpstreamClient

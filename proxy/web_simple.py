@@ -16,8 +16,8 @@ from aiohttp.web import BaseRequest
 from packaging.utils import NormalizedName
 from prometheus_client import Counter
 
-from .cache import Download
 from .dists import name_from_url
+from .download import Download
 from .errors import NotFound, ProxyError
 from .fsutil import safe_join
 from .index import LocalFile, Rendered
