@@ -5,13 +5,13 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import hashlib
+import http.client
 import os
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from tests.support.clients import (
     uv_publish,
     uv_venv,
 )
+from tests.support.forms import multipart
 from tests.support.server import ProxyServer
 from tests.support.upstream import FakeUpstream
 
@@ -75,27 +76,24 @@ def request(url: str, *, user: str | None = None, secret: str | None = None,
         return err.code, err.reason, err.read()
 
 
-def multipart(fields: dict[str, str], filename: str | None, content: bytes) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    out = []
-    for key, value in fields.items():
-        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'
-                   f"{value}\r\n".encode())
-    if filename is not None:
-        out.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="content"; '
-            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
-            + content + b"\r\n"
-        )
-    out.append(f"--{boundary}--\r\n".encode())
-    return b"".join(out), f"multipart/form-data; boundary={boundary}"
-
-
 def raw_upload(proxy: ProxyServer, fields: dict[str, str], filename: str | None,
                content: bytes, path: str = "/") -> tuple[int, str, bytes]:
-    body, ctype = multipart(fields, filename, content)
+    body, ctype = multipart(list(fields.items()),
+                            (filename, content) if filename is not None else None)
     return request(proxy.url + path, user=WRITER, secret=WRITER_SECRET, method="POST",
                    body=body, headers={"Content-Type": ctype})
+
+
+def start_upload(proxy: ProxyServer, body: bytes, ctype: str) -> http.client.HTTPConnection:
+    """An upload whose headers are sent and whose body the caller sends (or not)."""
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+    conn.putrequest("POST", "/")
+    conn.putheader("Content-Type", ctype)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.putheader("Authorization", "Basic " + base64.b64encode(
+        f"{WRITER}:{WRITER_SECRET}".encode()).decode())
+    conn.endheaders()
+    return conn
 
 
 def form_for(path: Path, **overrides: str) -> dict[str, str]:
@@ -340,16 +338,9 @@ def test_kill_mid_upload_leaves_no_partial_file(
 ) -> None:
     proxy = make_proxy(auth_config(upstream.url))
     big = build_wheel(artifacts_dir, "acme-big", "1.0", extra_bytes=64 * 2**20)
-    body, ctype = multipart(form_for(big, name="acme-big"), big.name, big.read_bytes())
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-    conn.putrequest("POST", "/")
-    conn.putheader("Content-Type", ctype)
-    conn.putheader("Content-Length", str(len(body)))
-    conn.putheader("Authorization", "Basic " + base64.b64encode(
-        f"{WRITER}:{WRITER_SECRET}".encode()).decode())
-    conn.endheaders()
+    body, ctype = multipart(list(form_for(big, name="acme-big").items()),
+                            (big.name, big.read_bytes()))
+    conn = start_upload(proxy, body, ctype)
     conn.send(body[: len(body) // 2])
     tmp_dir = proxy.data_dir / "tmp"
     deadline = time.monotonic() + 10
@@ -431,18 +422,10 @@ def test_new_token_takes_effect_on_sighup(
 def test_stalled_upload_body_is_cut_off(
     make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
 ) -> None:
-    import http.client
-
     proxy = make_proxy(auth_config(upstream.url, limits={"idle_timeout": 1}))
     wheel = build_wheel(artifacts_dir, "acme-lib", "1.0", extra_bytes=2**20)
-    body, ctype = multipart(form_for(wheel), wheel.name, wheel.read_bytes())
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
-    conn.putrequest("POST", "/")
-    conn.putheader("Content-Type", ctype)
-    conn.putheader("Content-Length", str(len(body)))
-    conn.putheader("Authorization", "Basic " + base64.b64encode(
-        f"{WRITER}:{WRITER_SECRET}".encode()).decode())
-    conn.endheaders()
+    body, ctype = multipart(list(form_for(wheel).items()), (wheel.name, wheel.read_bytes()))
+    conn = start_upload(proxy, body, ctype)
     conn.send(body[:4096])  # then nothing: a slowloris client
     started = time.monotonic()
     response = conn.getresponse()

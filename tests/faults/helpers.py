@@ -13,8 +13,7 @@ import os
 import re
 import socket
 import time
-import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import orjson
 
 from tests.support.artifacts import sha256_file
+from tests.support.forms import multipart
 from tests.support.server import ProxyServer
 
 JSON_V1 = "application/vnd.pypi.simple.v1+json"
@@ -110,27 +110,6 @@ def call(
                       complete, time.monotonic() - started)
     finally:
         conn.close()
-
-
-def multipart(
-    fields: Iterable[tuple[str, str]], file: tuple[str, bytes] | None,
-    boundary: str | None = None,
-) -> tuple[bytes, str]:
-    """A twine-style multipart/form-data body: (body, content type)."""
-    boundary = boundary or uuid.uuid4().hex
-    out: list[bytes] = []
-    for key, value in fields:
-        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'
-                   .encode() + value.encode() + b"\r\n")
-    if file is not None:
-        filename, content = file
-        out.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="content"; '
-            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
-            + content + b"\r\n"
-        )
-    out.append(f"--{boundary}--\r\n".encode())
-    return b"".join(out), f"multipart/form-data; boundary={boundary}"
 
 
 def upload_fields(name: str, version: str, content: bytes) -> list[tuple[str, str]]:

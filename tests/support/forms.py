@@ -1,0 +1,27 @@
+"""The legacy upload form as twine posts it, built by hand for raw-HTTP tests."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+
+def multipart(
+    fields: Iterable[tuple[str, str]], file: tuple[str, bytes] | None,
+    boundary: str | None = None,
+) -> tuple[bytes, str]:
+    """A twine-style multipart/form-data body: (body, content type)."""
+    boundary = boundary or uuid.uuid4().hex
+    out: list[bytes] = []
+    for key, value in fields:
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n'
+                   .encode() + value.encode() + b"\r\n")
+    if file is not None:
+        filename, content = file
+        out.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="content"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + content + b"\r\n"
+        )
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out), f"multipart/form-data; boundary={boundary}"
