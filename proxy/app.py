@@ -262,6 +262,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         if not await artifacts.drain(budget):
             log.warning("cache downloads cut off at shutdown")
         await upstream.close()
+        await index.flush()
         await asyncio.to_thread(pages.close)
 
     app.cleanup_ctx.append(resources)
