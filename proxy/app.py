@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from packaging.utils import NormalizedName
 
 from . import __version__, web_admin, web_ops, web_simple, web_upload
 from .auth import Authenticator
@@ -29,7 +28,6 @@ from .logs import TOKEN_NAME
 from .metrics import Metrics
 from .pagecache import PageCache
 from .publish import Publisher
-from .simple_api import upstream_page_url
 from .state import AUTH, CONFIG, INDEX, METRICS, PUBLISHER, STORE, LiveConfig
 from .store import PrivateStore
 from .upstream import UpstreamClient
@@ -211,17 +209,6 @@ async def _on_startup(app: web.Application) -> None:
         loop.add_signal_handler(signal.SIGHUP, _reload, app)
 
 
-def upstream_probe(upstream: UpstreamClient) -> Callable[[NormalizedName, Config],
-                                                        Awaitable[bool]]:
-    async def has(name: NormalizedName, config: Config) -> bool:
-        # Quoted: a name is one path segment below the index, whatever it holds.
-        resp = await upstream.fetch_page(
-            upstream_page_url(config.upstream.url, name), config.upstream.timeout
-        )
-        return resp.outcome in ("ok", "not_modified")
-    return has
-
-
 async def create_app(config: Config, config_path: str | None = None) -> web.Application:
     """Open the stores (off the loop) and assemble the application."""
     data = config.data_dir
@@ -235,7 +222,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     upstream = UpstreamClient(metrics, f"indexguard/{__version__}")
     index = Index(store, pages, artifacts, upstream, CollisionLedger(), metrics,
                   config.cache.memory_pages)
-    publisher = Publisher(store, metrics, upstream_probe(upstream))
+    publisher = Publisher(store, metrics, index.upstream_has)
     if swept:
         log.info("removed temp files left by an earlier crash", extra={"count": swept})
 

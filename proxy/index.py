@@ -121,15 +121,23 @@ class Index:
             task.add_done_callback(lambda _t: self._probes.pop(name, None))
 
     async def _probe(self, name: NormalizedName, rule: str, config: Config) -> None:
+        if await self.upstream_has(name, config):
+            self._record_collision(name, rule)
+
+    async def upstream_has(self, name: NormalizedName, config: Config) -> bool:
+        """Whether upstream lists the name: remembered for index_ttl; an upstream
+        that cannot answer counts as "no" and is asked again next time."""
+        known = self.ledger.upstream_has(name, config.upstream.index_ttl)
+        if known is not None:
+            return known
         resp = await self.upstream.fetch_page(
             upstream_page_url(config.upstream.url, name), config.upstream.timeout
         )
         if resp.outcome == "unavailable":
-            return
+            return False
         exists = resp.outcome in ("ok", "not_modified")
         self.ledger.remember(name, exists)
-        if exists:
-            self._record_collision(name, rule)
+        return exists
 
     def _record_collision(self, name: NormalizedName, rule: str) -> None:
         self.ledger.record(name, rule)
