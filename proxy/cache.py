@@ -23,7 +23,7 @@ import aiohttp
 
 from .download import CHUNK, Download
 from .errors import ProxyError, UpstreamUnavailable
-from .fsutil import commit, temp_path
+from .fsutil import commit, fsync_file, temp_path, write_and_hash
 from .metrics import Metrics
 
 log = logging.getLogger("indexguard.cache")
@@ -134,7 +134,7 @@ class ArtifactCache:
                         )
                     if fh is not None:
                         try:
-                            await asyncio.to_thread(_write_and_hash, fh, hasher, chunk)
+                            await asyncio.to_thread(write_and_hash, fh, chunk, hasher)
                         except OSError as exc:
                             await asyncio.to_thread(_close_quietly, fh)
                             fh = None
@@ -243,14 +243,6 @@ class ArtifactCache:
         return not pending
 
 
-def _write_and_hash(fh: IO[bytes], hasher: Any, chunk: bytes) -> None:
-    view = memoryview(chunk)
-    while view:
-        written = fh.write(view)
-        view = view[written:]
-    hasher.update(chunk)
-
-
 def _close_quietly(fh: IO[bytes]) -> None:
     # A failed flush on a full disk: the file is abandoned anyway.
     with contextlib.suppress(OSError):
@@ -259,8 +251,7 @@ def _close_quietly(fh: IO[bytes]) -> None:
 
 def _fsync_close(fh: IO[bytes]) -> None:
     try:
-        fh.flush()
-        os.fsync(fh.fileno())
+        fsync_file(fh)
     finally:
         fh.close()
 

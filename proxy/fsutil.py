@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import IO, Protocol
 
 from .errors import InsufficientStorage, NotFound
 
@@ -48,6 +49,25 @@ def _writer_alive(name: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+def write_and_hash(fh: IO[bytes], chunk: bytes, *hashers: Hasher) -> None:
+    """Write all of chunk (an unbuffered file may take part of it) and hash it."""
+    view = memoryview(chunk)
+    while view:
+        written = fh.write(view)
+        view = view[written:]
+    for hasher in hashers:
+        hasher.update(chunk)
+
+
+def fsync_file(fh: IO[bytes]) -> None:
+    fh.flush()
+    os.fsync(fh.fileno())
 
 
 def fsync_dir(path: Path) -> None:

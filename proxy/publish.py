@@ -12,7 +12,6 @@ import email.parser
 import hashlib
 import hmac
 import logging
-import os
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from packaging.version import Version
 from .config import Config
 from .dists import DistFile, normalize_name, parse_dist_filename, parse_version
 from .errors import BadRequest, Forbidden, TooLarge
-from .fsutil import raise_if_full, temp_path
+from .fsutil import fsync_file, raise_if_full, temp_path, write_and_hash
 from .guard import matches_any
 from .metrics import Metrics
 from .model import FileEntry
@@ -208,8 +207,8 @@ class Publisher:
                         raise TooLarge(
                             f"File too large: the limit is {limit} bytes (limits.max_upload)"
                         )
-                    await asyncio.to_thread(_write_hash, fh, chunk, sha, md5, blake)
-                await asyncio.to_thread(_fsync, fh)
+                    await asyncio.to_thread(write_and_hash, fh, chunk, sha, md5, blake)
+                await asyncio.to_thread(fsync_file, fh)
             finally:
                 await asyncio.to_thread(fh.close)
         except OSError as exc:
@@ -273,14 +272,3 @@ class Publisher:
             )
         self.metrics.upload_collisions.labels("warned").inc()
         log.warning("upload shadows an upstream name", extra={"project": name})
-
-
-def _write_hash(fh: object, chunk: bytes, *hashers: object) -> None:
-    fh.write(chunk)  # type: ignore[attr-defined]
-    for h in hashers:
-        h.update(chunk)  # type: ignore[attr-defined]
-
-
-def _fsync(fh: object) -> None:
-    fh.flush()  # type: ignore[attr-defined]
-    os.fsync(fh.fileno())  # type: ignore[attr-defined]
