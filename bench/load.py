@@ -43,6 +43,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.support.artifacts import build_wheel, sha256_file  # noqa: E402
+from tests.support.forms import multipart, upload_fields  # noqa: E402
 from tests.support.server import ProxyServer  # noqa: E402
 from tests.support.upstream import FakeUpstream  # noqa: E402
 
@@ -95,23 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _multipart(project: str, version: str, wheel: Path) -> tuple[bytes, str]:
     content = wheel.read_bytes()
-    boundary = uuid.uuid4().hex
-    fields = {
-        ":action": "file_upload", "protocol_version": "1", "metadata_version": "2.1",
-        "name": project, "version": version, "filetype": "bdist_wheel", "pyversion": "py3",
-        "sha256_digest": hashlib.sha256(content).hexdigest(),
-    }
-    out = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-        for k, v in fields.items()
-    ]
-    out.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="content"; '
-        f'filename="{wheel.name}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
-        + content + b"\r\n"
-    )
-    out.append(f"--{boundary}--\r\n".encode())
-    return b"".join(out), f"multipart/form-data; boundary={boundary}"
+    return multipart(upload_fields(project, version, content), (wheel.name, content))
 
 
 class Load:

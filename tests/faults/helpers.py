@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from tests.support.artifacts import sha256_file
-from tests.support.forms import multipart
+from tests.support.forms import multipart, upload_fields
 from tests.support.server import ProxyServer
 
 JSON_V1 = "application/vnd.pypi.simple.v1+json"
@@ -110,14 +110,6 @@ def call(
                       complete, time.monotonic() - started)
     finally:
         conn.close()
-
-
-def upload_fields(name: str, version: str, content: bytes) -> list[tuple[str, str]]:
-    return [
-        (":action", "file_upload"), ("protocol_version", "1"), ("metadata_version", "2.1"),
-        ("name", name), ("version", version), ("filetype", "bdist_wheel"),
-        ("pyversion", "py3"), ("sha256_digest", sha256_hex(content)),
-    ]
 
 
 def upload(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable
 
@@ -25,3 +26,12 @@ def multipart(
         )
     out.append(f"--{boundary}--\r\n".encode())
     return b"".join(out), f"multipart/form-data; boundary={boundary}"
+
+
+def upload_fields(name: str, version: str, content: bytes) -> list[tuple[str, str]]:
+    """The text fields twine sends for a py3 wheel."""
+    return [
+        (":action", "file_upload"), ("protocol_version", "1"), ("metadata_version", "2.1"),
+        ("name", name), ("version", version), ("filetype", "bdist_wheel"),
+        ("pyversion", "py3"), ("sha256_digest", hashlib.sha256(content).hexdigest()),
+    ]
