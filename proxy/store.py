@@ -6,8 +6,9 @@ Layout under <data_dir>/private/<normalized name>/:
     .lock             flock target: serializes writers across worker processes
 A project directory with an index.json is private, even with no files left: a
 deleted name is not handed back to upstream until an admin releases it.
-Writes happen in worker threads; reads stat index.json on the loop (a cached
-metadata syscall) and parse it in a thread only when it changed.
+Writes happen in worker threads, each inside Generation.writing(); reads trust
+what they learned from the disk (is a name private, its parsed index.json) until
+the shared generation moves, so a warm read makes no system call at all.
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ from packaging.utils import NormalizedName
 from .dists import guess_version
 from .errors import BadRequest, FileExists, NotFound
 from .fsutil import commit, commit_new, fsync_dir, safe_join, sweep_temp, write_atomic
+from .generation import Generation
 from .model import FileEntry, ProjectPage
 
 AddOutcome = Literal["stored", "duplicate"]
 _INDEX = "index.json"
+_GENERATION = ".generation"
+# Names whose private-or-not answer is remembered between store changes.
+_KNOWN_NAMES = 100_000
 
 
 class PrivateStore:
@@ -41,6 +46,11 @@ class PrivateStore:
         # name -> ((mtime_ns, size), page): parsed index.json, revalidated by stat.
         self._pages: dict[str, tuple[tuple[int, int], ProjectPage]] = {}
         self._names: tuple[int, list[NormalizedName]] | None = None
+        self._gen: Generation | None = None
+        # What the disk said, valid while the generation stays at _seen.
+        self._seen = -1
+        self._private: dict[str, bool] = {}
+        self._fresh_pages: set[str] = set()
 
     def open(self) -> int:
         """Create directories; sweep temp files and unlisted files left by a crash.
@@ -49,6 +59,7 @@ class PrivateStore:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._gen = Generation(self.root / _GENERATION)
         removed = sweep_temp(self.root) + sweep_temp(self.tmp_dir)
         for name in self._scan_names():
             removed += self._sweep_orphans(name)
@@ -72,11 +83,46 @@ class PrivateStore:
     def _project_dir(self, name: NormalizedName) -> Path:
         return safe_join(self.root, name)
 
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+
+    def _at_rest(self) -> bool:
+        """Whether what this process remembers still holds. Forgets it otherwise.
+
+        False also while a write is under way anywhere (odd generation): then
+        every read goes to the disk and nothing is remembered.
+        """
+        gen = self._gen.read() if self._gen is not None else 1
+        if gen != self._seen:
+            self._private.clear()
+            self._fresh_pages.clear()
+            self._seen = gen
+        return gen % 2 == 0
+
     def is_private(self, name: NormalizedName) -> bool:
         """True when the name has, or ever had, private files."""
-        return os.path.exists(self.root / name / _INDEX)
+        at_rest = self._at_rest()
+        known = self._private.get(name)
+        if known is not None:
+            return known
+        # Read after the generation: a change that lands in between moves the
+        # generation past _seen, and the next call forgets this answer.
+        private = os.path.exists(self.root / name / _INDEX)
+        if at_rest:
+            if len(self._private) >= _KNOWN_NAMES:
+                self._private.clear()
+            self._private[name] = private
+        return private
 
     async def page(self, name: NormalizedName) -> ProjectPage | None:
+        # The generation before the stat: if it is the same after the read, no
+        # write happened in between and the answer may be remembered.
+        before = self._seen if self._at_rest() else None
+        cached = self._pages.get(name)
+        if cached is not None and name in self._fresh_pages:
+            return cached[1]
         index = self.root / name / _INDEX
         try:
             st = os.stat(index)
@@ -84,13 +130,14 @@ class PrivateStore:
             self._pages.pop(name, None)
             return None
         key = (st.st_mtime_ns, st.st_size)
-        cached = self._pages.get(name)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        page = await asyncio.to_thread(self._read_index, name)
-        if page is not None:
-            self._pages[name] = (key, page)
-        return page
+        if cached is None or cached[0] != key:
+            page = await asyncio.to_thread(self._read_index, name)
+            if page is None:
+                return None
+            cached = self._pages[name] = (key, page)
+        if before is not None and self._gen is not None and self._gen.read() == before:
+            self._fresh_pages.add(name)
+        return cached[1]
 
     def _read_index(self, name: NormalizedName) -> ProjectPage | None:
         try:
@@ -191,7 +238,11 @@ class PrivateStore:
         with open(pdir / ".lock", "a+b") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
-                yield
+                if self._gen is None:
+                    yield
+                else:
+                    with self._gen.writing():
+                        yield
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 

@@ -10,7 +10,7 @@ PROXY = Path(__file__).resolve().parents[1] / "proxy"
 ORDER = [
     "__main__", "cli", "app", "web_simple", "web_upload", "web_admin", "web_ops", "state",
     "logs", "index", "publish", "guard", "auth", "cache", "pagecache", "download", "upstream",
-    "metrics", "store", "fsutil", "config", "simple_api", "dists", "model", "errors",
+    "metrics", "store", "generation", "fsutil", "config", "simple_api", "dists", "model", "errors",
 ]
 WEB_ALLOWED = {"cli", "app", "state", "logs", "web_simple", "web_upload", "web_admin", "web_ops"}
 

@@ -106,7 +106,10 @@ def victim(make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "keep.txt").write_text("outside data_dir\n")
-    snapshot = {p: p.read_bytes() for p in (proxy.data_dir / "private").rglob("*") if p.is_file()}
+    # .generation is the store's change counter, not stored data: it moves with
+    # every write attempt, kept or refused.
+    snapshot = {p: p.read_bytes() for p in (proxy.data_dir / "private").rglob("*")
+                if p.is_file() and p.name != ".generation"}
     return proxy, outside, snapshot
 
 
