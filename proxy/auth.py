@@ -67,7 +67,14 @@ class Authenticator:
     def __init__(self) -> None:
         self._failures: OrderedDict[str, list[float]] = OrderedDict()
 
-    def identify(self, header: str | None, auth: Auth, client: str, today: dt.date) -> Identity:
+    @property
+    def limiting(self) -> bool:
+        """Whether any client is being counted toward the failure limit."""
+        return bool(self._failures)
+
+    def identify(
+        self, header: str | None, auth: Auth, client: str, today: dt.date | None = None,
+    ) -> Identity:
         """The caller's identity. Raises Unauthorized, TooManyRequests."""
         self._check_rate(client)
         creds = parse_basic(header)
@@ -78,7 +85,7 @@ class Authenticator:
         if token is None:
             self._fail(client)
             raise Unauthorized("Invalid credentials")
-        if token.expires is not None and token.expires < today:
+        if token.expires is not None and token.expires < (today or dt.date.today()):
             self._fail(client)
             raise Unauthorized(f"Token {token.name} expired on {token.expires.isoformat()}")
         return Identity(token.name, token.scopes)

@@ -14,7 +14,6 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web import BaseRequest
 from packaging.utils import NormalizedName
-from prometheus_client import Counter
 
 from .dists import name_from_url
 from .download import Download
@@ -141,8 +140,7 @@ async def dist_file(request: web.Request) -> web.StreamResponse:
         request[CACHE_OUTCOME] = source.source
         # FileResponse: sendfile, Range, and ETag/304 from the file's mtime and size.
         return _CountedFileResponse(
-            source.path, metrics.bytes_served.labels(source.source),
-            chunk_size=256 * 1024, headers=headers,
+            source.path, metrics, source.source, chunk_size=256 * 1024, headers=headers,
         )
     request[CACHE_OUTCOME] = "upstream"
     headers["ETag"] = f'"{source.sha256}"'
@@ -156,14 +154,17 @@ async def dist_file(request: web.Request) -> web.StreamResponse:
 class _CountedFileResponse(web.FileResponse):
     """Counts the bytes it sends; only prepare() knows the status and range."""
 
-    def __init__(self, path: Path, counter: Counter, **kwargs: Any) -> None:
+    def __init__(self, path: Path, metrics: Metrics, source: str, **kwargs: Any) -> None:
         super().__init__(path, **kwargs)
-        self._counter = counter
+        self._metrics = metrics
+        self._source = source
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
         writer = await super().prepare(request)
         if request.method != "HEAD" and self.status in (200, 206):
-            self._counter.inc(self.content_length or 0)
+            self._metrics.count(
+                self._metrics.bytes_served, self._source, amount=self.content_length or 0
+            )
         return writer
 
 
@@ -193,7 +194,7 @@ async def _stream(
             request.transport.abort()
         return response
     finally:
-        metrics.bytes_served.labels("upstream").inc(sent)
+        metrics.count(metrics.bytes_served, "upstream", amount=sent)
     await response.write_eof()
     return response
 
