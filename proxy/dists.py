@@ -6,6 +6,7 @@ reason a person can act on.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,6 +48,7 @@ def normalize_name(name: str) -> NormalizedName:
         raise BadRequest(f"Invalid project name {name[:100]!r}: see PEP 508") from None
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function asked the same few names over and over
 def name_from_url(raw: str) -> NormalizedName | None:
     """The normalized project name in a URL segment, None if it is not a PEP 508 name."""
     if len(raw) > 200:

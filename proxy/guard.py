@@ -31,19 +31,26 @@ def matches_any(name: NormalizedName, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+# Decisions are values: one instance each, not one per request.
+_PRIVATE = Decision("private", forward=False)
+_RESERVED = Decision("reserved", forward=False)
+_FORWARD_OFF = Decision("forward_off", forward=False)
+_UPSTREAM = Decision("upstream", forward=True)
+
+
 def decide(name: NormalizedName, is_private: bool, config: Config) -> Decision:
     """Which source may answer for a normalized name."""
     # a. Private now, or ever: the private store alone answers.
     if is_private:
-        return Decision("private", forward=False)
+        return _PRIVATE
     # b. Reserved by pattern: never forwarded, even before anything is published.
-    if matches_any(name, config.guard.private_only):
-        return Decision("reserved", forward=False)
+    if config.guard.private_only and matches_any(name, config.guard.private_only):
+        return _RESERVED
     # c. The admin toggle.
     if not config.upstream.forward:
-        return Decision("forward_off", forward=False)
+        return _FORWARD_OFF
     # d. Upstream fallback.
-    return Decision("upstream", forward=True)
+    return _UPSTREAM
 
 
 def parse_upload_time(text: str) -> float | None:

@@ -101,7 +101,7 @@ class Index:
 
     def decide(self, name: NormalizedName, config: Config, client: str) -> Decision:
         decision = decide(name, self.store.is_private(name), config)
-        self.metrics.guard_decisions.labels(decision.rule).inc()
+        self.metrics.count(self.metrics.guard_decisions, decision.rule)
         level = logging.DEBUG if decision.rule == "upstream" else logging.INFO
         if guard_log.isEnabledFor(level):
             guard_log.log(level, "guard decision",
@@ -151,24 +151,32 @@ class Index:
     ) -> Rendered:
         """The page for a name in one format. Raises NotFound, UpstreamUnavailable."""
         decision = self.decide(name, config, client)
+        key = (name, ctype)
+        now = time.time()
         if decision.rule == "private":
             private = await self.store.page(name)
             if private is None:  # released between the check and the read
                 raise NotFound(f"No project named {name}")
-            return await self._cached_render(
-                name, fmt, ctype, (private,), lambda _now: (private, float("inf")), "private"
+            return self._remembered(key, (private,), now) or await self._render(
+                key, fmt, (private,), private, float("inf"), "private"
             )
         self._refuse_unless_forwarded(name, decision)
-        entry = await self._upstream_page(name, config)
+        # The warm path makes no coroutine call: a fresh entry in memory, and
+        # its page already rendered for this format.
+        entry = self._fresh_in_memory(name, config, now) or await self._upstream_page(
+            name, config
+        )
         upstream_page = entry.page
         if upstream_page is None:
             raise NotFound(f"No project named {name} upstream")
         self._note_served(name)
         # The visible page depends on the entry and on the guard settings (min_age).
-        return await self._cached_render(
-            name, fmt, ctype, (entry, config.guard),
-            lambda now: self._visible(upstream_page, config, now), "upstream",
-        )
+        token = (entry, config.guard)
+        hit = self._remembered(key, token, now)
+        if hit is not None:
+            return hit
+        page, valid_until = self._visible(upstream_page, config, now)
+        return await self._render(key, fmt, token, page, valid_until, "upstream")
 
     @staticmethod
     def _refuse_unless_forwarded(name: NormalizedName, decision: Decision) -> None:
@@ -177,14 +185,10 @@ class Index:
         if decision.rule == "forward_off":
             raise NotFound(f"No private project named {name}; forwarding upstream is off")
 
-    async def _cached_render(
-        self, name: str, fmt: Format, ctype: str, token: tuple[object, ...],
-        build: Callable[[float], tuple[ProjectPage, float]], source: Source,
-    ) -> Rendered:
-        """The rendered page from memory while `token`'s objects are the same ones;
-        otherwise build (page, valid_until) and render it."""
-        key = (name, ctype)
-        now = time.time()
+    def _remembered(
+        self, key: tuple[str, str], token: tuple[object, ...], now: float,
+    ) -> Rendered | None:
+        """The page rendered earlier, while `token`'s objects are the same ones."""
         hit = self._rendered.get(key)
         if (
             hit is not None and now < hit[1] and len(hit[0]) == len(token)
@@ -192,9 +196,14 @@ class Index:
         ):
             self._rendered.move_to_end(key)
             return hit[2]
-        page, valid_until = build(now)
+        return None
+
+    async def _render(
+        self, key: tuple[str, str], fmt: Format, token: tuple[object, ...],
+        page: ProjectPage, valid_until: float, source: Source,
+    ) -> Rendered:
         # A 2,000-file page takes milliseconds to render and gzip: off the loop.
-        rendered = await asyncio.to_thread(_render, page, fmt, ctype, source)
+        rendered = await asyncio.to_thread(_render, page, fmt, key[1], source)
         if self._memory_pages:
             self._rendered[key] = (token, valid_until, rendered)
             while len(self._rendered) > self._memory_pages:
@@ -230,6 +239,17 @@ class Index:
         names = set(private) | {NormalizedName(n) for n in self.served_names}
         return sorted(names)
 
+    def _fresh_in_memory(
+        self, name: NormalizedName, config: Config, now: float,
+    ) -> CachedPage | None:
+        entry = self._hot.get(name)
+        if entry is None or entry.page is None:
+            return None
+        if now - entry.fetched_at < config.upstream.index_ttl:
+            self.metrics.count(self.metrics.index_cache, "hit")
+            return entry
+        return None
+
     async def _upstream_page(self, name: NormalizedName, config: Config) -> CachedPage:
         entry = self._hot.get(name)
         if entry is None:
@@ -244,7 +264,7 @@ class Index:
             if now - entry.fetched_at < ttl or (
                 entry.page is not None and now < self._backoff.get(name, 0.0)
             ):
-                self.metrics.index_cache.labels("hit").inc()
+                self.metrics.count(self.metrics.index_cache, "hit")
                 return entry
         flight = self._flights.get(name)
         if flight is None:
@@ -279,14 +299,14 @@ class Index:
             except PageParseError as exc:
                 return self._stale_or_fail(name, entry, f"upstream sent a broken page ({exc})")
             fresh = CachedPage(page, now, resp.etag, resp.last_modified)
-            self.metrics.index_cache.labels("miss").inc()
+            self.metrics.count(self.metrics.index_cache, "miss")
             self.ledger.remember(name, True)
         elif resp.outcome == "not_modified" and entry is not None and entry.page is not None:
             fresh = dataclasses.replace(entry, fetched_at=now)
-            self.metrics.index_cache.labels("revalidated").inc()
+            self.metrics.count(self.metrics.index_cache, "revalidated")
         elif resp.outcome == "not_found":
             fresh = CachedPage(None, now)
-            self.metrics.index_cache.labels("miss").inc()
+            self.metrics.count(self.metrics.index_cache, "miss")
             self.ledger.remember(name, False)
         else:
             return self._stale_or_fail(name, entry, resp.reason or "upstream unavailable")
@@ -345,13 +365,13 @@ class Index:
             )
         path = self.artifacts.lookup(sha256)
         if path is not None:
-            self.metrics.file_cache.labels("hit").inc()
+            self.metrics.count(self.metrics.file_cache, "hit")
             return LocalFile(path, "cache", sha256)
         size = None if is_meta else entry.size
         if head:
             return RemoteFile(None, size, sha256)
         joined = self.artifacts.inflight(sha256) is not None
-        self.metrics.file_cache.labels("joined" if joined else "miss").inc()
+        self.metrics.count(self.metrics.file_cache, "joined" if joined else "miss")
         origin = entry.origin + METADATA_SUFFIX if is_meta else entry.origin
         opener: Callable[[str], Any] = lambda url: self.upstream.open_file(  # noqa: E731
             url, config.upstream.timeout
