@@ -368,3 +368,45 @@ def test_cached_files_keep_the_connection_alive(
             assert resp.getheader("Connection", "").lower() != "close"
     finally:
         conn.close()
+
+
+def test_access_log_one_json_line_per_request_without_credentials(
+    make_proxy: MakeProxy, upstream: FakeUpstream, published: dict[str, Path],
+) -> None:
+    proxy = make_proxy({"upstream": {"url": upstream.url}, "log": {"level": "info"}})
+    page_url = proxy.url + "/simple/tiny-app/"
+    wheel = published["app"].name
+    requests = [
+        (page_url, {}), (page_url, {}), (proxy.url + "/simple/no-such-thing-here/", {}),
+        (f"{proxy.url}/files/tiny-app/{wheel}", {}),
+        (page_url, {"Authorization": "Basic X190b2tlbl9fOnRvcC1zZWNyZXQtdmFsdWU="}),
+    ]
+    statuses = [get(url, headers)[0] for url, headers in requests]
+    assert statuses == [200, 200, 404, 200, 401]
+
+    def access_lines() -> list[dict[str, object]]:
+        lines = [orjson.loads(line) for line in proxy.log_text().splitlines()
+                 if line.startswith("{")]
+        return [line for line in lines if line.get("logger") == "indexguard.access"
+                and line["path"] != "/-/health"]  # the harness's readiness probes
+
+    deadline = time.monotonic() + 10
+    while len(access_lines()) < len(requests) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # A line is written when its response is done: a streamed file may finish
+    # after the client has already sent its next request.
+    lines = sorted(access_lines(), key=lambda line: (str(line["path"]), int(line["status"])))
+    assert [(line["path"], line["status"]) for line in lines] == sorted(
+        (url.removeprefix(proxy.url), status) for (url, _h), status in zip(
+            requests, statuses, strict=True)
+    )
+    file_line, *_ = [line for line in lines if str(line["path"]).startswith("/files/")]
+    size = published["app"].stat().st_size  # "bytes" counts the headers too
+    assert file_line["cache"] == "upstream" and size < int(file_line["bytes"]) < size + 1024
+    page_lines = [line for line in lines if line["path"] == "/simple/tiny-app/"]
+    assert [line["cache"] for line in page_lines] == ["upstream"] * 2 + ["-"]
+    assert [line["token"] for line in page_lines][:2] == ["anonymous", "anonymous"]
+    for line in lines:
+        assert line["msg"] == "request" and line["level"] == "info" and line["method"] == "GET"
+        assert str(line["ts"]).endswith("Z") and isinstance(line["duration_ms"], float)
+    assert "top-secret-value" not in proxy.log_text() and "X19" not in proxy.log_text()
