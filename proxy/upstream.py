@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -38,6 +40,11 @@ class PageResponse:
     reason: str = ""
 
 
+def _environment_configures_http() -> bool:
+    netrc = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    return bool(urllib.request.getproxies()) or os.path.isfile(netrc)
+
+
 class UpstreamClient:
     """Owns its HTTP session: start() opens it, close() closes it (the app's cleanup_ctx)."""
 
@@ -51,8 +58,10 @@ class UpstreamClient:
         self._client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=300),
             headers={"User-Agent": self._user_agent},
-            # HTTPS_PROXY and friends, as pip honours them.
-            trust_env=True,
+            # HTTPS_PROXY and friends, and ~/.netrc, as pip honours them. Only when
+            # there are some: aiohttp then reads the environment and parses the
+            # netrc file for every request (2.5% of a cold page's CPU, profiled).
+            trust_env=_environment_configures_http(),
         )
 
     async def close(self) -> None:
