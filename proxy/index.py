@@ -74,6 +74,45 @@ def _render(page: ProjectPage, fmt: Format, ctype: str, source: Source) -> Rende
     return Rendered(body, gz, f'"{digest}"', ctype, source)
 
 
+def visible(page: ProjectPage, config: Config, now: float) -> tuple[ProjectPage, float, int]:
+    """Apply guard.min_age and drop metadata links the proxy cannot verify.
+
+    Returns the page to show, until when it holds, and how many files it hides.
+    """
+    files = []
+    hidden = 0
+    valid_until = float("inf")
+    for f in page.files:
+        if too_young(f, page.name, config, now):
+            hidden += 1
+            valid_until = min(valid_until, matures_at(f, config) or valid_until)
+            continue
+        if f.metadata_hashes is not None and "sha256" not in f.metadata_hashes:
+            f = dataclasses.replace(f, metadata_hashes=None)
+        files.append(f)
+    versions = page.versions if not hidden else ()
+    return ProjectPage(page.name, tuple(files), versions), valid_until, hidden
+
+
+@dataclass(frozen=True, slots=True)
+class _Prerendered:
+    """A fresh upstream page, parsed and rendered for its first asker in one thread hop."""
+    page: ProjectPage
+    valid_until: float
+    hidden: int
+    rendered: Rendered
+
+
+def _parse_and_render(
+    body: bytes, content_type: str, url: str, name: NormalizedName, config: Config,
+    now: float, fmt: Format, ctype: str,
+) -> tuple[ProjectPage, _Prerendered]:
+    page = parse_page(body, content_type, url, name)
+    shown, valid_until, hidden = visible(page, config, now)
+    return page, _Prerendered(shown, valid_until, hidden,
+                              _render(shown, fmt, ctype, "upstream"))
+
+
 class Index:
     def __init__(
         self, store: PrivateStore, pages: PageCache, artifacts: ArtifactCache,
@@ -164,7 +203,7 @@ class Index:
         # The warm path makes no coroutine call: a fresh entry in memory, and
         # its page already rendered for this format.
         entry = self._fresh_in_memory(name, config, now) or await self._upstream_page(
-            name, config
+            name, config, (fmt, ctype)
         )
         upstream_page = entry.page
         if upstream_page is None:
@@ -205,28 +244,23 @@ class Index:
         # A 2,000-file page takes milliseconds to render and gzip: off the loop.
         rendered = await asyncio.to_thread(_render, page, fmt, key[1], source)
         if self._memory_pages:
-            self._rendered[key] = (token, valid_until, rendered)
-            while len(self._rendered) > self._memory_pages:
-                self._rendered.popitem(last=False)
+            self._keep_rendered(key, token, valid_until, rendered)
         return rendered
 
+    def _keep_rendered(
+        self, key: tuple[str, str], token: tuple[object, ...], valid_until: float,
+        rendered: Rendered,
+    ) -> None:
+        self._rendered[key] = (token, valid_until, rendered)
+        self._rendered.move_to_end(key)
+        while len(self._rendered) > self._memory_pages:
+            self._rendered.popitem(last=False)
+
     def _visible(self, page: ProjectPage, config: Config, now: float) -> tuple[ProjectPage, float]:
-        """Apply guard.min_age and drop metadata links the proxy cannot verify."""
-        files = []
-        hidden = 0
-        valid_until = float("inf")
-        for f in page.files:
-            if too_young(f, page.name, config, now):
-                hidden += 1
-                valid_until = min(valid_until, matures_at(f, config) or valid_until)
-                continue
-            if f.metadata_hashes is not None and "sha256" not in f.metadata_hashes:
-                f = dataclasses.replace(f, metadata_hashes=None)
-            files.append(f)
+        shown, valid_until, hidden = visible(page, config, now)
         if hidden:
-            self.metrics.min_age_hidden.inc(hidden)
-        versions = page.versions if not hidden else ()
-        return ProjectPage(page.name, tuple(files), versions), valid_until
+            self.metrics.count(self.metrics.min_age_hidden, amount=hidden)
+        return shown, valid_until
 
     def _note_served(self, name: str) -> None:
         self.served_names[name] = None
@@ -250,7 +284,12 @@ class Index:
             return entry
         return None
 
-    async def _upstream_page(self, name: NormalizedName, config: Config) -> CachedPage:
+    async def _upstream_page(
+        self, name: NormalizedName, config: Config, want: tuple[Format, str] | None = None,
+    ) -> CachedPage:
+        """The upstream page from memory, disk or upstream. `want` (format, content
+        type): render a freshly fetched page for it in the same thread hop as the
+        parse; each hop is a wake-up of the loop on a cold page's critical path."""
         entry = self._hot.get(name)
         if entry is None:
             entry = await self.pages.get(name)
@@ -268,7 +307,7 @@ class Index:
                 return entry
         flight = self._flights.get(name)
         if flight is None:
-            flight = asyncio.ensure_future(self._refresh(name, entry, config))
+            flight = asyncio.ensure_future(self._refresh(name, entry, config, want))
             self._flights[name] = flight
             flight.add_done_callback(lambda _f: self._flights.pop(name, None))
         return await asyncio.shield(flight)
@@ -280,7 +319,8 @@ class Index:
             self._hot.popitem(last=False)
 
     async def _refresh(
-        self, name: NormalizedName, entry: CachedPage | None, config: Config
+        self, name: NormalizedName, entry: CachedPage | None, config: Config,
+        want: tuple[Format, str] | None = None,
     ) -> CachedPage:
         url = upstream_page_url(config.upstream.url, name)
         has_page = entry is not None and entry.page is not None
@@ -291,11 +331,18 @@ class Index:
         )
         now = time.time()
         fresh: CachedPage
+        pre: _Prerendered | None = None
         if resp.outcome == "ok":
             try:
-                page = await asyncio.to_thread(
-                    parse_page, resp.body, resp.content_type, resp.url, name
-                )
+                if want is None:
+                    page = await asyncio.to_thread(
+                        parse_page, resp.body, resp.content_type, resp.url, name
+                    )
+                else:
+                    page, pre = await asyncio.to_thread(
+                        _parse_and_render, resp.body, resp.content_type, resp.url, name,
+                        config, now, *want,
+                    )
             except PageParseError as exc:
                 return self._stale_or_fail(name, entry, f"upstream sent a broken page ({exc})")
             fresh = CachedPage(page, now, resp.etag, resp.last_modified)
@@ -312,6 +359,12 @@ class Index:
             return self._stale_or_fail(name, entry, resp.reason or "upstream unavailable")
         self._backoff.pop(name, None)
         self._remember(name, fresh)
+        if pre is not None and want is not None and self._memory_pages:
+            if pre.hidden:
+                self.metrics.count(self.metrics.min_age_hidden, amount=pre.hidden)
+            # Found by rendered()'s _remembered(): same entry, same guard settings.
+            self._keep_rendered((name, want[1]), (fresh, config.guard), pre.valid_until,
+                                pre.rendered)
         # The page is in memory already; the disk copy (a SQLite write) need not
         # delay the answer. bench/ saw cold pages at 45-56 ms under uv's fan-out.
         write = asyncio.create_task(self.pages.put(name, fresh))
