@@ -80,13 +80,19 @@ class Download:
         return first == self.on_disk
 
     async def _open(self) -> Any:
-        for path in (self.final, self.tmp, self.final):
-            if path is None:
-                continue
-            try:
-                return await aiofiles.open(path, "rb")
-            except FileNotFoundError:
-                continue
+        # The final name is set before the rename, so one of these three finds
+        # the file on one side of it or the other. Each name is read when it is
+        # tried (the writer may rename while a try is in a thread), and a round
+        # that missed while the names moved is tried again.
+        names: tuple[Path | None, Path] | None = None
+        while names != (self.final, self.tmp):
+            names = (self.final, self.tmp)
+            for attempt in range(3):
+                path = self.tmp if attempt == 1 else self.final
+                if path is None:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    return await aiofiles.open(path, "rb")
         raise self.error or UpstreamUnavailable("Upstream download vanished")
 
     def _from_spill(self, pos: int, limit: int) -> bytes | None:
