@@ -148,16 +148,6 @@ class ArtifactCache:
                     dl.notify()
                     if fh is None:
                         await dl.make_room()
-            if fh is not None:
-                try:
-                    await asyncio.to_thread(_fsync_close, fh)
-                except OSError as exc:
-                    # The bytes are in the page cache, where readers read them;
-                    # they just cannot be trusted to be on disk: serve, not cache.
-                    cacheable = False
-                    log.warning("cache disk failed; file served but not cached",
-                                extra={"url": url, "error": exc.strerror})
-                fh = None
             if dl.total is not None and dl.written != dl.total:
                 raise UpstreamUnavailable(
                     f"Upstream sent {dl.written} bytes, expected {dl.total}"
@@ -170,6 +160,25 @@ class ArtifactCache:
                     "Upstream file does not match the sha256 its page declared; refused"
                 )
             verified = True
+            if dl.on_disk is None:
+                # Room first, so the cache is within bounds by the time a client
+                # has the whole file, as it was when commit came first.
+                self._evict(room=dl.written)
+            # Readers need the bytes verified, not durable: every byte is in the
+            # kernel already (the file is unbuffered), so the last one goes out
+            # now and the fsync and rename follow while clients finish reading.
+            dl.finished = True
+            dl.notify()
+            if fh is not None:
+                try:
+                    await asyncio.to_thread(_fsync_close, fh)
+                except OSError as exc:
+                    # The bytes are in the page cache, where readers read them;
+                    # they just cannot be trusted to be on disk: serve, not cache.
+                    cacheable = False
+                    log.warning("cache disk failed; file served but not cached",
+                                extra={"url": url, "error": exc.strerror})
+                fh = None
             if dl.on_disk is None and cacheable:
                 committed = await self._commit(dl, url)
         except ProxyError as exc:
@@ -222,8 +231,12 @@ class ArtifactCache:
             self._bytes += size
         self._lru[sha256] = size
         self._lru.move_to_end(sha256)
+        self._evict()
+
+    def _evict(self, room: int = 0) -> None:
+        """Drop least recently used files until room more bytes fit; the newest stays."""
         victims: list[Path] = []
-        while self._bytes > self.max_bytes and len(self._lru) > 1:
+        while self._bytes + room > self.max_bytes and len(self._lru) > (0 if room else 1):
             old, old_size = self._lru.popitem(last=False)
             self._bytes -= old_size
             victims.append(self.path_for(old))
