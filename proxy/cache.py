@@ -9,9 +9,7 @@ unverified can ever be served from here. One download per hash at a time
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -23,8 +21,9 @@ import aiohttp
 
 from .download import CHUNK, Download
 from .errors import ProxyError, UpstreamUnavailable
-from .fsutil import commit, fsync_file, temp_path, write_and_hash
+from .fsutil import commit, temp_path
 from .metrics import Metrics
+from .sink import Sink
 
 log = logging.getLogger("indexguard.cache")
 
@@ -107,17 +106,11 @@ class ArtifactCache:
         return dl
 
     async def _run(self, dl: Download, url: str, opener: Callable[[str], Any]) -> None:
-        fh: IO[bytes] | None = None
+        sink: Sink | None = None
         verified = committed = False
-        cacheable = True
         try:
-            hasher = hashlib.sha256()
-            try:
-                # Unbuffered: readers tail this file through their own descriptors,
-                # so every byte counted in dl.written must already be in the kernel.
-                fh = await asyncio.to_thread(open, dl.tmp, "wb", 0)
-            except OSError as exc:
-                self._disk_failed(dl, url, exc)
+            sink = Sink(dl, await self._create_temp(dl, url),
+                        lambda exc: self._disk_failed(dl, url, exc))
             async with opener(url) as resp:
                 length = resp.content_length
                 if length is not None and dl.total is not None and length != dl.total:
@@ -128,34 +121,20 @@ class ArtifactCache:
                     dl.total = length
                 dl.started.set()
                 async for chunk in resp.content.iter_chunked(CHUNK):
-                    if dl.total is not None and dl.written + len(chunk) > dl.total:
+                    if dl.total is not None and sink.received + len(chunk) > dl.total:
                         raise UpstreamUnavailable(
                             f"Upstream sent more than the {dl.total} bytes expected"
                         )
-                    if fh is not None:
-                        try:
-                            await asyncio.to_thread(write_and_hash, fh, chunk, hasher)
-                        except OSError as exc:
-                            await asyncio.to_thread(_close_quietly, fh)
-                            fh = None
-                            self._disk_failed(dl, url, exc)
-                    if fh is None:
-                        # Hashing a chunk takes well under a millisecond (and
-                        # releases the GIL): not worth a thread hop.
-                        hasher.update(chunk)
-                        dl.spill(chunk)
-                    dl.written += len(chunk)
-                    dl.notify()
-                    if fh is None:
-                        await dl.make_room()
+                    await sink.feed(chunk)
+            await sink.finish()
             if dl.total is not None and dl.written != dl.total:
                 raise UpstreamUnavailable(
                     f"Upstream sent {dl.written} bytes, expected {dl.total}"
                 )
-            if hasher.hexdigest() != dl.sha256:
+            if sink.hexdigest() != dl.sha256:
                 self._metrics.hash_mismatches.inc()
                 log.error("hash mismatch", extra={"url": url, "expected": dl.sha256,
-                                                  "got": hasher.hexdigest()})
+                                                  "got": sink.hexdigest()})
                 raise UpstreamUnavailable(
                     "Upstream file does not match the sha256 its page declared; refused"
                 )
@@ -169,25 +148,15 @@ class ArtifactCache:
             # now and the fsync and rename follow while clients finish reading.
             dl.finished = True
             dl.notify()
-            if fh is not None:
-                try:
-                    await asyncio.to_thread(_fsync_close, fh)
-                except OSError as exc:
-                    # The bytes are in the page cache, where readers read them;
-                    # they just cannot be trusted to be on disk: serve, not cache.
-                    cacheable = False
-                    log.warning("cache disk failed; file served but not cached",
-                                extra={"url": url, "error": exc.strerror})
-                fh = None
-            if dl.on_disk is None and cacheable:
+            if dl.on_disk is None and await self._fsync(sink, url):
                 committed = await self._commit(dl, url)
         except ProxyError as exc:
             dl.error = exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             dl.error = UpstreamUnavailable(f"Upstream file transfer failed: {type(exc).__name__}")
         finally:
-            if fh is not None:
-                await asyncio.to_thread(_close_quietly, fh)
+            if sink is not None:
+                await sink.abandon()
             if not verified and dl.error is None:
                 # Cancelled (shutdown): readers must not take what arrived for the whole file.
                 dl.error = UpstreamUnavailable("Upstream file transfer interrupted")
@@ -204,12 +173,32 @@ class ArtifactCache:
                     await dl.wait_for_openers(OPENER_GRACE)
                 await asyncio.to_thread(dl.tmp.unlink, True)
 
-    def _disk_failed(self, dl: Download, url: str, exc: OSError) -> None:
-        """The temp file cannot take more: keep streaming from memory, do not cache."""
-        dl.on_disk = dl.written
+    async def _create_temp(self, dl: Download, url: str) -> IO[bytes] | None:
+        try:
+            # Unbuffered: readers tail this file through their own descriptors,
+            # so every byte counted in dl.written must already be in the kernel.
+            return await asyncio.to_thread(open, dl.tmp, "wb", 0)
+        except OSError as exc:
+            dl.on_disk = 0
+            await self._disk_failed(dl, url, exc)
+            return None
+
+    async def _fsync(self, sink: Sink, url: str) -> bool:
+        try:
+            await sink.fsync_close()
+        except OSError as exc:
+            # The bytes are in the page cache, where readers read them; they
+            # just cannot be trusted to be on disk: serve, not cache.
+            log.warning("cache disk failed; file served but not cached",
+                        extra={"url": url, "error": exc.strerror})
+            return False
+        return True
+
+    async def _disk_failed(self, dl: Download, url: str, exc: OSError) -> None:
+        """The temp file cannot take more: the sink streams from memory; do not cache."""
         level = logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
         log.log(level, "cache disk failed; file served but not cached",
-                extra={"url": url, "error": exc.strerror, "on_disk": dl.written})
+                extra={"url": url, "error": exc.strerror, "on_disk": dl.on_disk})
 
     async def _commit(self, dl: Download, url: str) -> bool:
         # Named before the rename: a reader opening the file meanwhile tries the
@@ -254,19 +243,6 @@ class ArtifactCache:
             return True
         _done, pending = await asyncio.wait(list(self._tasks), timeout=max(timeout, 0.0))
         return not pending
-
-
-def _close_quietly(fh: IO[bytes]) -> None:
-    # A failed flush on a full disk: the file is abandoned anyway.
-    with contextlib.suppress(OSError):
-        fh.close()
-
-
-def _fsync_close(fh: IO[bytes]) -> None:
-    try:
-        fsync_file(fh)
-    finally:
-        fh.close()
 
 
 def _unlink_all(paths: list[Path]) -> None:

@@ -24,7 +24,10 @@ from .errors import ProxyError, UpstreamUnavailable
 
 log = logging.getLogger("indexguard.cache")
 
-CHUNK = 256 * 1024
+# A reader's read from the temp file. Each read is a thread hop that may wait
+# for the GIL while the loop is busy: at 1 MiB, a 20 MiB cold file went out
+# 15-20% sooner than at 256 KiB (measured against a local upstream).
+CHUNK = 2**20
 # Once the cache disk fails, a transfer keeps at most this much of the file in
 # memory for its readers and waits for the slowest one before reading more from
 # upstream. Per transfer; transfers are capped by the upstream connection limit.
