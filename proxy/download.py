@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -59,6 +60,8 @@ class Download:
         self.finished = False
         self.error: ProxyError | None = None
         self.final: Path | None = None
+        # (st_dev, st_ino) of the temp file, once known: readers open only that one.
+        self.ident: tuple[int, int] | None = None
         self.started = asyncio.Event()
         self._changed = asyncio.Event()
         # None while every byte goes to the temp file. Once the disk fails: how
@@ -95,8 +98,20 @@ class Download:
                 if path is None:
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    return await aiofiles.open(path, "rb")
+                    fh = await aiofiles.open(path, "rb")
+                    if path == self.final or self._is_ours(fh):
+                        return fh
+                    await fh.close()
         raise self.error or UpstreamUnavailable("Upstream download vanished")
+
+    def _is_ours(self, fh: Any) -> bool:
+        # Another transfer may have taken over the temp name (a new owner after
+        # this one let go); its unverified bytes must not pass for ours. The
+        # final name is always safe: only verified bytes ever get it.
+        if self.ident is None:
+            return True
+        st = os.fstat(fh.fileno())
+        return (st.st_dev, st.st_ino) == self.ident
 
     def _from_spill(self, pos: int, limit: int) -> bytes | None:
         for offset, data in self._spill:
