@@ -25,10 +25,11 @@ from .errors import ProxyError, UpstreamUnavailable
 
 log = logging.getLogger("indexguard.cache")
 
-# A reader's read from the temp file. Each read is a thread hop that may wait
-# for the GIL while the loop is busy: at 1 MiB, a 20 MiB cold file went out
-# 15-20% sooner than at 256 KiB (measured against a local upstream).
-CHUNK = 2**20
+# A reader's read from the temp file, held in memory until its client took
+# it. 1 MiB sent a lone 20 MiB cold file ~15% sooner (fewer thread hops), but
+# a 100-client burst on one cold file then peaked ~100 MiB higher
+# (tests/faults/test_load.py: 258 vs 160 MiB).
+CHUNK = 256 * 1024
 # Once the cache disk fails, a transfer keeps at most this much of the file in
 # memory for its readers and waits for the slowest one before reading more from
 # upstream. Per transfer; transfers are capped by the upstream connection limit.
