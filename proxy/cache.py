@@ -50,7 +50,9 @@ class ArtifactCache:
         self._bytes = 0
         self._inflight: dict[str, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._locks = HashLocks(tmp_dir / "downloads.lock")
+        # Beside the cache, not in tmp/: tmp/ holds only what a crash leaves
+        # behind, and is empty while nothing is being written.
+        self._locks = HashLocks(root.parent / "downloads.lock")
         self._lock_holders: dict[str, Download] = {}
 
     def open(self) -> None:

@@ -85,8 +85,8 @@ def _part_files(proxy: ProxyServer) -> list[Path]:
 
 
 def _lock_owner(proxy: ProxyServer, sha256: str) -> int | None:
-    """The pid holding the hash's lock in tmp/downloads.lock (from /proc/locks)."""
-    ino = os.stat(proxy.data_dir / "tmp" / "downloads.lock").st_ino
+    """The pid holding the hash's lock in cache/downloads.lock (from /proc/locks)."""
+    ino = os.stat(proxy.data_dir / "cache" / "downloads.lock").st_ino
     offset = str(int(sha256[:15], 16))
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
