@@ -255,6 +255,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
             budget = max(0.0, min(budget, life.deadline - asyncio.get_running_loop().time()))
         if not await artifacts.drain(budget):
             log.warning("cache downloads cut off at shutdown")
+        artifacts.close()
         await upstream.close()
         await index.flush()
         await asyncio.to_thread(pages.close)

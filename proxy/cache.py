@@ -2,18 +2,19 @@
 
 Artifacts live at files/<sha256[:2]>/<sha256>: the name is the verified hash, so
 a file is committed only after its bytes match the upstream page, and nothing
-unverified can ever be served from here. One download per hash at a time
-(single flight, see download.py); least recently used files are evicted.
+unverified can ever be served from here. One download per hash at a time,
+across worker processes too: the worker holding the hash's lock (hashlock.py)
+fetches into tmp/<sha256>.part, the others follow that file (follow.py) until it
+is committed. Least recently used files are evicted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import hashlib
 import logging
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +24,18 @@ import aiohttp
 
 from .download import CHUNK, Download
 from .errors import ProxyError, UpstreamUnavailable
-from .fsutil import commit, fsync_file, temp_path, write_and_hash
+from .follow import follow
+from .fsutil import commit, temp_path
+from .hashlock import HashLocks
 from .metrics import Metrics
+from .sink import Sink
 
 log = logging.getLogger("indexguard.cache")
 
 # How long a served-but-uncached temp file waits for its late readers to open it.
 OPENER_GRACE = 10.0
+PART_SUFFIX = ".part"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ArtifactCache:
@@ -44,11 +50,18 @@ class ArtifactCache:
         self._bytes = 0
         self._inflight: dict[str, Download] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Beside the cache, not in tmp/: tmp/ holds only what a crash leaves
+        # behind, and is empty while nothing is being written.
+        self._locks = HashLocks(root.parent / "downloads.lock")
+        self._lock_holders: dict[str, Download] = {}
 
     def open(self) -> None:
-        """Scan the cache (oldest first) to seed the LRU. Blocking: call at start."""
+        """Scan the cache (oldest first) to seed the LRU; remove partial downloads
+        nobody owns any more. Blocking: call at start."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._locks.open()
+        self._sweep_parts()
         found: list[tuple[float, str, int]] = []
         for sub in os.scandir(self.root):
             if sub.is_dir():
@@ -60,6 +73,30 @@ class ArtifactCache:
             self._lru[sha] = size
             self._bytes += size
         self._publish()
+
+    def close(self) -> None:
+        """Drop this process's hash locks (its downloads must be over)."""
+        self._locks.close()
+
+    def _sweep_parts(self) -> None:
+        # Left by an owner that died. Only under the hash's lock: a sibling
+        # worker that is already serving may own one. (An owner also replaces
+        # any leftover when it starts; this keeps them from lingering.)
+        removed = 0
+        with os.scandir(self.tmp_dir) as entries:
+            names = [entry.name for entry in entries]
+        for name in names:
+            sha = name.removesuffix(PART_SUFFIX)
+            if sha != name and _SHA256.fullmatch(sha) and self._locks.acquire(sha):
+                try:
+                    (self.tmp_dir / name).unlink()
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+                finally:
+                    self._locks.release(sha)
+        if removed:
+            log.info("removed partial downloads left by a crash", extra={"count": removed})
 
     def _publish(self) -> None:
         self._metrics.cache_bytes.set(self._bytes)
@@ -98,26 +135,62 @@ class ArtifactCache:
         if current is not None and current.joinable:
             return current
         # No transfer, or one that can no longer serve a newcomer from its first
-        # byte (the disk failed and its memory window has moved on): a new one.
-        dl = Download(sha256, temp_path(self.tmp_dir, ".part"), size_hint)
+        # byte (the disk failed and its memory window has moved on): a new one,
+        # which fetches the file, or follows the worker that already does.
+        dl = Download(sha256, self.tmp_dir / f"{sha256}{PART_SUFFIX}", size_hint)
         self._inflight[sha256] = dl
-        task = asyncio.create_task(self._run(dl, url, opener))
+        if self._locks.acquire(sha256):
+            self._lock_holders[sha256] = dl
+            work = self._run(dl, url, opener)
+        else:
+            dl.final = self.path_for(sha256)
+            work = self._follow(dl, url)
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return dl
 
-    async def _run(self, dl: Download, url: str, opener: Callable[[str], Any]) -> None:
-        fh: IO[bytes] | None = None
-        verified = committed = False
-        cacheable = True
+    def _release(self, dl: Download) -> None:
+        if self._lock_holders.get(dl.sha256) is dl:
+            del self._lock_holders[dl.sha256]
+            self._locks.release(dl.sha256)
+
+    async def _follow(self, dl: Download, url: str) -> None:
+        done = False
         try:
-            hasher = hashlib.sha256()
-            try:
-                # Unbuffered: readers tail this file through their own descriptors,
-                # so every byte counted in dl.written must already be in the kernel.
-                fh = await asyncio.to_thread(open, dl.tmp, "wb", 0)
-            except OSError as exc:
-                self._disk_failed(dl, url, exc)
+            await follow(dl, self.path_for(dl.sha256), lambda: self._locks.is_free(dl.sha256))
+            done = True
+        except ProxyError as exc:
+            dl.error = exc
+        except OSError as exc:
+            dl.error = UpstreamUnavailable(f"Following a transfer failed: {exc.strerror}")
+        finally:
+            if not done and dl.error is None:
+                dl.error = UpstreamUnavailable("Upstream file transfer interrupted")
+            if dl.error is not None:
+                log.warning("upstream file transfer failed", extra={
+                    "url": url, "reason": dl.error.reason, "received": dl.written,
+                    "follower": True})
+            dl.finished = True
+            dl.started.set()
+            dl.notify()
+            if self._inflight.get(dl.sha256) is dl:
+                del self._inflight[dl.sha256]
+
+    async def _run(self, dl: Download, url: str, opener: Callable[[str], Any]) -> None:
+        sink: Sink | None = None
+        verified = committed = False
+        try:
+            final = self.path_for(dl.sha256)
+            size = await asyncio.to_thread(_size_of, final)
+            if size is not None:
+                # Committed by another worker between our lookup and our lock.
+                dl.final, dl.written = final, size
+                verified = committed = True
+                self._admit(dl.sha256, size)
+                return
+            sink = Sink(dl, await self._create_temp(dl, url),
+                        lambda exc: self._disk_failed(dl, url, exc))
             async with opener(url) as resp:
                 length = resp.content_length
                 if length is not None and dl.total is not None and length != dl.total:
@@ -128,57 +201,44 @@ class ArtifactCache:
                     dl.total = length
                 dl.started.set()
                 async for chunk in resp.content.iter_chunked(CHUNK):
-                    if dl.total is not None and dl.written + len(chunk) > dl.total:
+                    if dl.total is not None and sink.received + len(chunk) > dl.total:
                         raise UpstreamUnavailable(
                             f"Upstream sent more than the {dl.total} bytes expected"
                         )
-                    if fh is not None:
-                        try:
-                            await asyncio.to_thread(write_and_hash, fh, chunk, hasher)
-                        except OSError as exc:
-                            await asyncio.to_thread(_close_quietly, fh)
-                            fh = None
-                            self._disk_failed(dl, url, exc)
-                    if fh is None:
-                        # Hashing a chunk takes well under a millisecond (and
-                        # releases the GIL): not worth a thread hop.
-                        hasher.update(chunk)
-                        dl.spill(chunk)
-                    dl.written += len(chunk)
-                    dl.notify()
-                    if fh is None:
-                        await dl.make_room()
-            if fh is not None:
-                try:
-                    await asyncio.to_thread(_fsync_close, fh)
-                except OSError as exc:
-                    # The bytes are in the page cache, where readers read them;
-                    # they just cannot be trusted to be on disk: serve, not cache.
-                    cacheable = False
-                    log.warning("cache disk failed; file served but not cached",
-                                extra={"url": url, "error": exc.strerror})
-                fh = None
+                    await sink.feed(chunk)
+            await sink.finish()
             if dl.total is not None and dl.written != dl.total:
                 raise UpstreamUnavailable(
                     f"Upstream sent {dl.written} bytes, expected {dl.total}"
                 )
-            if hasher.hexdigest() != dl.sha256:
+            if sink.hexdigest() != dl.sha256:
                 self._metrics.hash_mismatches.inc()
                 log.error("hash mismatch", extra={"url": url, "expected": dl.sha256,
-                                                  "got": hasher.hexdigest()})
+                                                  "got": sink.hexdigest()})
                 raise UpstreamUnavailable(
                     "Upstream file does not match the sha256 its page declared; refused"
                 )
             verified = True
-            if dl.on_disk is None and cacheable:
+            if dl.on_disk is None:
+                # Room first, so the cache is within bounds by the time a client
+                # has the whole file, as it was when commit came first.
+                self._evict(room=dl.written)
+            # Readers need the bytes verified, not durable: every byte is in the
+            # kernel already (the file is unbuffered), so the last one goes out
+            # now and the fsync and rename follow while clients finish reading.
+            dl.finished = True
+            dl.notify()
+            if dl.on_disk is None and await self._fsync(sink, url):
                 committed = await self._commit(dl, url)
         except ProxyError as exc:
             dl.error = exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             dl.error = UpstreamUnavailable(f"Upstream file transfer failed: {type(exc).__name__}")
+        except OSError as exc:
+            dl.error = UpstreamUnavailable(f"Cache disk failed during the transfer: {exc.strerror}")
         finally:
-            if fh is not None:
-                await asyncio.to_thread(_close_quietly, fh)
+            if sink is not None:
+                await sink.abandon()
             if not verified and dl.error is None:
                 # Cancelled (shutdown): readers must not take what arrived for the whole file.
                 dl.error = UpstreamUnavailable("Upstream file transfer interrupted")
@@ -190,17 +250,62 @@ class ArtifactCache:
             dl.notify()
             if self._inflight.get(dl.sha256) is dl:
                 del self._inflight[dl.sha256]
-            if not committed:
-                if dl.error is None:
-                    await dl.wait_for_openers(OPENER_GRACE)
-                await asyncio.to_thread(dl.tmp.unlink, True)
+            try:
+                if not committed:
+                    if dl.error is None:
+                        await dl.wait_for_openers(OPENER_GRACE)
+                    await asyncio.to_thread(dl.tmp.unlink, True)
+            finally:
+                # Last: followers take "lock free, no final file" as failure, and
+                # a new owner replaces the temp name, so both must be settled.
+                self._release(dl)
 
-    def _disk_failed(self, dl: Download, url: str, exc: OSError) -> None:
-        """The temp file cannot take more: keep streaming from memory, do not cache."""
-        dl.on_disk = dl.written
+    async def _create_temp(self, dl: Download, url: str) -> IO[bytes] | None:
+        try:
+            fh, dl.ident = await asyncio.to_thread(_fresh_temp, dl.tmp)
+        except OSError as exc:
+            dl.on_disk = 0
+            await self._disk_failed(dl, url, exc)
+            return None
+        return fh
+
+    async def _fsync(self, sink: Sink, url: str) -> bool:
+        try:
+            await sink.fsync_close()
+        except OSError as exc:
+            # The bytes are in the page cache, where readers read them; they
+            # just cannot be trusted to be on disk: serve, not cache.
+            log.warning("cache disk failed; file served but not cached",
+                        extra={"url": url, "error": exc.strerror})
+            return False
+        return True
+
+    async def _disk_failed(self, dl: Download, url: str, exc: OSError) -> None:
+        """The temp file cannot take more: the sink streams from memory; do not cache."""
         level = logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
         log.log(level, "cache disk failed; file served but not cached",
-                extra={"url": url, "error": exc.strerror, "on_disk": dl.written})
+                extra={"url": url, "error": exc.strerror, "on_disk": dl.on_disk})
+        await self._let_go(dl)
+
+    async def _let_go(self, dl: Download) -> None:
+        """Give up the shared temp name and the lock: a transfer that cannot
+        reach the disk cannot feed other workers. Their clients get an error at
+        once and retry (when the disk has room again, one of them fetches it)."""
+        private = temp_path(self.tmp_dir, PART_SUFFIX)
+        if dl.on_disk:
+            # What reached the disk stays readable for this worker's readers.
+            try:
+                await asyncio.to_thread(os.link, dl.tmp, private)
+            except OSError:
+                return  # keep name and lock to the end: followers wait, then fail
+        # The new name first: a reader that misses the old one then finds it
+        # has moved and tries again (Download._open).
+        shared, dl.tmp = dl.tmp, private
+        try:
+            await asyncio.to_thread(shared.unlink, True)
+        except OSError:
+            return  # as above; the next owner replaces the name
+        self._release(dl)
 
     async def _commit(self, dl: Download, url: str) -> bool:
         # Named before the rename: a reader opening the file meanwhile tries the
@@ -222,8 +327,12 @@ class ArtifactCache:
             self._bytes += size
         self._lru[sha256] = size
         self._lru.move_to_end(sha256)
+        self._evict()
+
+    def _evict(self, room: int = 0) -> None:
+        """Drop least recently used files until room more bytes fit; the newest stays."""
         victims: list[Path] = []
-        while self._bytes > self.max_bytes and len(self._lru) > 1:
+        while self._bytes + room > self.max_bytes and len(self._lru) > (0 if room else 1):
             old, old_size = self._lru.popitem(last=False)
             self._bytes -= old_size
             victims.append(self.path_for(old))
@@ -243,17 +352,28 @@ class ArtifactCache:
         return not pending
 
 
-def _close_quietly(fh: IO[bytes]) -> None:
-    # A failed flush on a full disk: the file is abandoned anyway.
-    with contextlib.suppress(OSError):
-        fh.close()
-
-
-def _fsync_close(fh: IO[bytes]) -> None:
+def _size_of(path: Path) -> int | None:
     try:
-        fsync_file(fh)
-    finally:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+def _fresh_temp(path: Path) -> tuple[IO[bytes], tuple[int, int]]:
+    # Called under the hash's lock: a file under this name is a dead owner's
+    # leftover, and a follower may have it open. Unlinked, not truncated, so
+    # what that follower reads never changes under it; a new inode, which
+    # followers and readers tell apart by (st_dev, st_ino).
+    path.unlink(missing_ok=True)
+    # Unbuffered: readers tail this file through their own descriptors, so
+    # every byte counted in dl.written must already be in the kernel.
+    fh = open(path, "xb", buffering=0)  # noqa: SIM115 - the sink closes it
+    try:
+        st = os.fstat(fh.fileno())
+    except OSError:
         fh.close()
+        raise
+    return fh, (st.st_dev, st.st_ino)
 
 
 def _unlink_all(paths: list[Path]) -> None:
