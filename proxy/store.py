@@ -101,15 +101,20 @@ class PrivateStore:
             self._seen = gen
         return gen % 2 == 0
 
+    def _has_index(self, name: NormalizedName) -> bool:
+        """The disk's answer, for the writers (worker threads): what this process
+        remembers belongs to the event loop's thread alone."""
+        return os.path.exists(self.root / name / _INDEX)
+
     def is_private(self, name: NormalizedName) -> bool:
-        """True when the name has, or ever had, private files."""
+        """True when the name has, or ever had, private files. On the loop only."""
         at_rest = self._at_rest()
         known = self._private.get(name)
         if known is not None:
             return known
         # Read after the generation: a change that lands in between moves the
         # generation past _seen, and the next call forgets this answer.
-        private = os.path.exists(self.root / name / _INDEX)
+        private = self._has_index(name)
         if at_rest:
             if len(self._private) >= _KNOWN_NAMES:
                 self._private.clear()
@@ -254,7 +259,7 @@ class PrivateStore:
         return await asyncio.to_thread(self._set_yanked, name, version, yanked)
 
     def _set_yanked(self, name: NormalizedName, version: str, yanked: bool | str) -> int:
-        if not self.is_private(name):
+        if not self._has_index(name):
             raise NotFound(f"No private project {name}")
         with self._locked(self._project_dir(name)):
             page = self._read_index(name) or ProjectPage(name=name, files=())
@@ -272,7 +277,7 @@ class PrivateStore:
         await asyncio.to_thread(self._delete, name, filename)
 
     def _delete(self, name: NormalizedName, filename: str) -> None:
-        if not self.is_private(name):
+        if not self._has_index(name):
             raise NotFound(f"No private project {name}")
         with self._locked(self._project_dir(name)):
             page = self._read_index(name) or ProjectPage(name=name, files=())
@@ -295,7 +300,7 @@ class PrivateStore:
 
     def _release(self, name: NormalizedName) -> None:
         pdir = self._project_dir(name)
-        if not self.is_private(name):
+        if not self._has_index(name):
             raise NotFound(f"No private project {name}")
         with self._locked(pdir):
             page = self._read_index(name)
