@@ -331,6 +331,18 @@ def test_bad_requests_are_4xx_never_500(
     for path, headers, expected in cases:
         status, _resp_headers, body = get(proxy.url + path, headers)
         assert status == expected, (path, status, body)
+
+    # What no route takes is answered like the rest, and counted under one label.
+    status, headers, body = get(proxy.url + "/no/such/thing")
+    assert (status, body) == (404, b"Not found\n")
+    status, headers, body = get(proxy.url + "/simple/tiny-app/", method="PUT")
+    assert status == 405 and "GET" in headers["Allow"] and "PUT" not in headers["Allow"]
+    status, headers, body = get(proxy.url + "/-/health", method="PROPFIND")
+    assert status == 405
+    metrics = get(proxy.url + "/metrics")[2].decode()
+    assert 'route="unmatched",status="404"} 1.0' in metrics
+    assert 'method="other",route="unmatched",status="405"} 1.0' in metrics
+    assert "PROPFIND" not in metrics
     assert "Traceback" not in proxy.log_text()
 
 
