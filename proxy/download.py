@@ -30,6 +30,8 @@ log = logging.getLogger("indexguard.cache")
 # a 100-client burst on one cold file then peaked ~100 MiB higher
 # (tests/faults/test_load.py: 258 vs 160 MiB).
 CHUNK = 256 * 1024
+# Per transfer: the most recent bytes kept in memory for readers at the head.
+RECENT_BYTES = 2 * 2**20
 # Once the cache disk fails, a transfer keeps at most this much of the file in
 # memory for its readers and waits for the slowest one before reading more from
 # upstream. Per transfer; transfers are capped by the upstream connection limit.
@@ -37,6 +39,16 @@ SPILL_BYTES = 4 * 2**20
 # How long a spilling transfer waits for a reader that stopped reading before it
 # drops that reader (its client sees a cut connection) so the others go on.
 LAGGARD_GRACE = 30.0
+
+
+def _slice(chunks: deque[tuple[int, bytes]], pos: int, limit: int) -> bytes | None:
+    """The bytes from pos (up to limit, at most one chunk's worth) if held in chunks."""
+    for offset, data in chunks:
+        if offset <= pos < offset + len(data):
+            if pos == offset and limit >= offset + len(data):
+                return data  # the whole chunk: no copy
+            return data[pos - offset : min(len(data), limit - offset)]
+    return None
 
 
 class _Reader:
@@ -71,6 +83,11 @@ class Download:
         self.on_disk: int | None = None
         self._spill: deque[tuple[int, bytes]] = deque()
         self._spill_bytes = 0
+        # The last RECENT_BYTES written, (offset, bytes) oldest first: a reader
+        # keeping up with the transfer (the usual one) takes them from here, not
+        # back from the file through a thread hop per read.
+        self._recent: deque[tuple[int, bytes]] = deque()
+        self._recent_bytes = 0
         self._readers: set[_Reader] = set()
         self._progress = asyncio.Event()
 
@@ -115,10 +132,14 @@ class Download:
         return (st.st_dev, st.st_ino) == self.ident
 
     def _from_spill(self, pos: int, limit: int) -> bytes | None:
-        for offset, data in self._spill:
-            if offset <= pos < offset + len(data):
-                return data[pos - offset : min(len(data), limit - offset)]
-        return None
+        return _slice(self._spill, pos, limit)
+
+    def remember(self, chunk: bytes) -> None:
+        """A chunk now in the temp file at offset `written` (call before counting it)."""
+        self._recent.append((self.written, chunk))
+        self._recent_bytes += len(chunk)
+        while self._recent_bytes > RECENT_BYTES and len(self._recent) > 1:
+            self._recent_bytes -= len(self._recent.popleft()[1])
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The file's bytes as they arrive. Raises the download's error, if any."""
@@ -127,6 +148,7 @@ class Download:
         reader = _Reader()
         self._readers.add(reader)
         fh: Any = None
+        fh_pos = 0
         try:
             await self.started.wait()
             if self.error is not None:
@@ -143,13 +165,20 @@ class Download:
                 limit = self.written if self.finished else self.written - 1
                 if reader.pos < limit:
                     on_disk = self.on_disk
-                    if on_disk is None or reader.pos < on_disk:
+                    recent = _slice(self._recent, reader.pos, limit)
+                    if recent is not None:
+                        data = recent
+                    elif on_disk is None or reader.pos < on_disk:
                         end = limit if on_disk is None else min(limit, on_disk)
                         if fh is None:
                             fh = await self._open()
+                            fh_pos = 0
                             reader.opened = True
                             self._progress.set()
+                        if fh_pos != reader.pos:  # some bytes came from memory
+                            await fh.seek(reader.pos)
                         data = await fh.read(min(CHUNK, end - reader.pos))
+                        fh_pos = reader.pos + len(data)
                         if not data:
                             raise UpstreamUnavailable("Upstream download was cut short")
                     else:

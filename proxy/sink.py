@@ -137,8 +137,10 @@ class Sink:
         self._job_chunks = []
 
     def _advance(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._dl.remember(chunk)
+            self._dl.written += len(chunk)
         if chunks:
-            self._dl.written += sum(len(c) for c in chunks)
             self._dl.notify()
 
     def _spill(self, chunks: list[bytes]) -> None:
