@@ -43,14 +43,14 @@ class PrivateStore:
     def __init__(self, root: Path, tmp_dir: Path) -> None:
         self.root = root
         self.tmp_dir = tmp_dir
-        # name -> ((mtime_ns, size), page): parsed index.json, revalidated by stat.
-        self._pages: dict[str, tuple[tuple[int, int], ProjectPage]] = {}
+        # name -> ((mtime_ns, size), page, generation it was last checked at):
+        # parsed index.json, trusted without a stat while the generation stays.
+        self._pages: dict[str, tuple[tuple[int, int], ProjectPage, int]] = {}
         self._names: tuple[int, list[NormalizedName]] | None = None
         self._gen: Generation | None = None
         # What the disk said, valid while the generation stays at _seen.
         self._seen = -1
         self._private: dict[str, bool] = {}
-        self._fresh_pages: set[str] = set()
 
     def open(self) -> int:
         """Create directories; sweep temp files and unlisted files left by a crash.
@@ -97,7 +97,6 @@ class PrivateStore:
         gen = self._gen.read() if self._gen is not None else 1
         if gen != self._seen:
             self._private.clear()
-            self._fresh_pages.clear()
             self._seen = gen
         return gen % 2 == 0
 
@@ -122,11 +121,10 @@ class PrivateStore:
         return private
 
     async def page(self, name: NormalizedName) -> ProjectPage | None:
-        # The generation before the stat: if it is the same after the read, no
-        # write happened in between and the answer may be remembered.
-        before = self._seen if self._at_rest() else None
+        at_rest = self._at_rest()
+        gen = self._seen  # read before the stat
         cached = self._pages.get(name)
-        if cached is not None and name in self._fresh_pages:
+        if at_rest and cached is not None and cached[2] == gen:
             return cached[1]
         index = self.root / name / _INDEX
         try:
@@ -135,14 +133,17 @@ class PrivateStore:
             self._pages.pop(name, None)
             return None
         key = (st.st_mtime_ns, st.st_size)
-        if cached is None or cached[0] != key:
-            page = await asyncio.to_thread(self._read_index, name)
-            if page is None:
+        if cached is not None and cached[0] == key:
+            page = cached[1]
+        else:
+            read = await asyncio.to_thread(self._read_index, name)
+            if read is None:
                 return None
-            cached = self._pages[name] = (key, page)
-        if before is not None and self._gen is not None and self._gen.read() == before:
-            self._fresh_pages.add(name)
-        return cached[1]
+            page = read
+        # Checked at gen only if no write happened between the stat and now.
+        unchanged = at_rest and self._gen is not None and self._gen.read() == gen
+        self._pages[name] = (key, page, gen if unchanged else -1)
+        return page
 
     def _read_index(self, name: NormalizedName) -> ProjectPage | None:
         try:
