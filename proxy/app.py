@@ -91,8 +91,9 @@ def _routes(app: web.Application) -> None:
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:
     allowed: set[str] = set()
+    catch_all = request.match_info.route.resource
     for resource in request.app.router.resources():
-        if resource.canonical == "/{tail}":
+        if resource is catch_all:
             continue
         _match, methods = await resource.resolve(request)
         allowed |= methods

@@ -131,9 +131,6 @@ class Download:
         st = os.fstat(fh.fileno())
         return (st.st_dev, st.st_ino) == self.ident
 
-    def _from_spill(self, pos: int, limit: int) -> bytes | None:
-        return _slice(self._spill, pos, limit)
-
     def remember(self, chunk: bytes) -> None:
         """A chunk now in the temp file at offset `written` (call before counting it)."""
         self._recent.append((self.written, chunk))
@@ -182,7 +179,7 @@ class Download:
                         if not data:
                             raise UpstreamUnavailable("Upstream download was cut short")
                     else:
-                        spilled = self._from_spill(reader.pos, limit)
+                        spilled = _slice(self._spill, reader.pos, limit)
                         if spilled is None:
                             raise UpstreamUnavailable("Uncached transfer moved on without us")
                         data = spilled
