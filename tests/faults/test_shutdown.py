@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +159,8 @@ def test_sigterm_drains_downloads_and_uploads_then_exits_0(
 def test_sigterm_cuts_a_client_that_never_reads_after_the_grace_period(
     make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
 ) -> None:
-    big = build_wheel(artifacts_dir, "stuck-dl", "1.0", extra_bytes=48 * 2**20)
-    upstream.add(big, with_metadata=False)
     proxy = make_proxy({"upstream": {"url": upstream.url}})
-    assert call(f"{proxy.url}/files/stuck-dl/{big.name}").status == 200  # cached
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.sendall(f"GET /files/stuck-dl/{big.name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    with _client_that_never_reads(proxy, upstream, artifacts_dir):
         time.sleep(0.5)  # the server is now blocked on a full socket buffer
         os.kill(proxy.pid, signal.SIGTERM)
         started = time.monotonic()
@@ -180,14 +176,8 @@ def test_sigterm_cuts_a_client_that_never_reads_after_the_grace_period(
 def test_second_sigterm_cuts_the_drain_short(
     make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
 ) -> None:
-    big = build_wheel(artifacts_dir, "stuck-dl", "1.0", extra_bytes=48 * 2**20)
-    upstream.add(big, with_metadata=False)
     proxy = make_proxy({"upstream": {"url": upstream.url}})
-    assert call(f"{proxy.url}/files/stuck-dl/{big.name}").status == 200
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        sock.sendall(f"GET /files/stuck-dl/{big.name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    with _client_that_never_reads(proxy, upstream, artifacts_dir):
         os.kill(proxy.pid, signal.SIGTERM)
         time.sleep(1.0)
         assert proxy.returncode is None  # draining: the stuck transfer is in flight
@@ -196,3 +186,19 @@ def test_second_sigterm_cuts_the_drain_short(
         code = _wait_exit(proxy, 15)
     assert code == 0
     assert time.monotonic() - started < SLACK
+
+
+@contextlib.contextmanager
+def _client_that_never_reads(
+    proxy: ProxyServer, upstream: FakeUpstream, artifacts_dir: Path,
+) -> Iterator[None]:
+    """A connection with a small receive buffer, in the middle of a cached 48 MB
+    download it never reads: the server cannot finish that response."""
+    big = build_wheel(artifacts_dir, "stuck-dl", "1.0", extra_bytes=48 * 2**20)
+    upstream.add(big, with_metadata=False)
+    assert call(f"{proxy.url}/files/stuck-dl/{big.name}").status == 200  # cached
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(f"GET /files/stuck-dl/{big.name} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        yield
