@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +138,13 @@ class Download:
         while self._recent_bytes > RECENT_BYTES and len(self._recent) > 1:
             self._recent_bytes -= len(self._recent.popleft()[1])
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The file's bytes as they arrive. Raises the download's error, if any."""
+    async def chunks(self, start: int = 0) -> AsyncGenerator[bytes, None]:
+        """The file's bytes from offset start as they arrive. Raises the
+        download's error, if any."""
         # Registered before the first await: the writer never drops spilled
         # bytes that a client which has already joined still needs.
         reader = _Reader()
+        reader.pos = start
         self._readers.add(reader)
         fh: Any = None
         fh_pos = 0

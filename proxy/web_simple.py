@@ -168,33 +168,73 @@ class _CountedFileResponse(web.FileResponse):
         return writer
 
 
+def byte_range(wanted: slice, total: int) -> tuple[int, int] | None:
+    """[start, stop) of a parsed Range header (aiohttp's http_range) within a
+    file of total bytes, None if no byte of it is in the file; as FileResponse
+    reads it, so a cached and an uncached file answer a Range alike."""
+    start, stop = wanted.start, wanted.stop
+    if start is None:
+        return None if stop is None else (0, min(stop, total))
+    if start < 0:  # a suffix: the last -start bytes
+        start = max(total + start, 0)
+    stop = total if stop is None else min(stop, total)
+    return (start, stop) if start < stop else None
+
+
 async def _stream(
     request: web.Request, download: Download, headers: dict[str, str], metrics: Metrics,
 ) -> web.StreamResponse:
-    chunks = download.chunks()
-    first = await anext(chunks, b"")  # errors before any byte become a clean 4xx/5xx
-    if download.total is not None:
-        headers["Content-Length"] = str(download.total)
-    response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
-    sent = 0
+    status, start, stop = 200, 0, None
+    if "Range" in request.headers:
+        # A Range on a file still arriving (uv reads wheels' metadata so, and a
+        # request can land between the last byte and the cache commit) gets
+        # the same 206 or 416 as a cached file would, once the size is known.
+        await download.started.wait()
+        total = download.total
+        if total is not None:
+            try:
+                wanted = byte_range(request.http_range, total)
+            except ValueError:
+                wanted = None
+            if wanted is None:
+                headers.pop("Content-Length", None)
+                headers["Content-Range"] = f"bytes */{total}"
+                return web.Response(status=416, headers=headers)
+            (start, stop), status = wanted, 206
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
+    chunks = download.chunks(start)
     try:
-        if first:
-            await response.write(first)
-            sent += len(first)
-        async for chunk in chunks:
-            await response.write(chunk)
-            sent += len(chunk)
-    except ProxyError as exc:
-        # Headers are out: the only honest signal left is a cut connection,
-        # which pip and uv report as a failed download.
-        log.warning("upstream transfer failed mid-stream",
-                    extra={"path": request.path, "reason": exc.reason})
-        if request.transport is not None:
-            request.transport.abort()
-        return response
+        first = await anext(chunks, b"")  # errors before any byte become a clean 4xx/5xx
+        if stop is not None:
+            headers["Content-Length"] = str(stop - start)
+        elif download.total is not None:
+            headers["Content-Length"] = str(download.total)
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        sent = 0
+        try:
+            pos = start
+            chunk = first
+            while chunk:
+                if stop is not None and pos + len(chunk) >= stop:
+                    await response.write(chunk[: stop - pos])
+                    sent += stop - pos
+                    break
+                await response.write(chunk)
+                sent += len(chunk)
+                pos += len(chunk)
+                chunk = await anext(chunks, b"")
+        except ProxyError as exc:
+            # Headers are out: the only honest signal left is a cut connection,
+            # which pip and uv report as a failed download.
+            log.warning("upstream transfer failed mid-stream",
+                        extra={"path": request.path, "reason": exc.reason})
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        finally:
+            metrics.count(metrics.bytes_served, "upstream", amount=sent)
     finally:
-        metrics.count(metrics.bytes_served, "upstream", amount=sent)
+        await chunks.aclose()
     await response.write_eof()
     return response
-

@@ -259,6 +259,54 @@ def test_etag_304_gzip_and_head(
     assert get(file_url, method="HEAD")[1]["Content-Length"] == str(len(data))
 
 
+def test_range_requests_on_a_file_still_arriving_and_once_cached(
+    make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
+) -> None:
+    big = build_wheel(artifacts_dir, "ranged", "1.0", extra_bytes=2 * 2**20)
+    upstream.add(big, with_metadata=False)
+    data = big.read_bytes()
+    size = len(data)
+    proxy = make_proxy({"upstream": {"url": upstream.url}})
+    url = f"{proxy.url}/files/ranged/{big.name}"
+    # Upstream sends the first half, then stalls: the transfer is in flight
+    # for as long as the stall lasts.
+    upstream.fault("slow", path_prefix="/files/", seconds=5.0, phase="body")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(get, url, None, "GET", 60)
+        status, headers, body = get(url, {"Range": "bytes=0-9"})
+        assert status == 206 and body == data[:10]
+        assert headers["Content-Range"] == f"bytes 0-9/{size}"
+        assert headers["ETag"] == f'"{sha256_file(big)}"'
+        assert not whole.done()  # answered from the bytes already there
+        status, headers, body = get(url, {"Range": "bytes=-10"})
+        assert status == 206 and body == data[-10:]
+        assert headers["Content-Range"] == f"bytes {size - 10}-{size - 1}/{size}"
+        assert whole.result()[0] == 200 and whole.result()[2] == data
+    assert len([r for r in upstream.file_requests() if r[1].endswith(big.name)]) == 1
+    # Cached now: the same answers from the file on disk.
+    for rng, want in (("bytes=0-9", data[:10]), ("bytes=-10", data[-10:]),
+                      (f"bytes={size - 5}-", data[-5:])):
+        status, headers, body = get(url, {"Range": rng})
+        assert (status, body) == (206, want), rng
+    status, headers, _ = get(url, {"Range": f"bytes={size}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+
+
+def test_range_outside_an_uncached_file_is_416(
+    make_proxy: MakeProxy, upstream: FakeUpstream, published: dict[str, Path],
+) -> None:
+    proxy = make_proxy({"upstream": {"url": upstream.url}})
+    path = published["app"]
+    url = f"{proxy.url}/files/tiny-app/{path.name}"
+    size = path.stat().st_size
+    for rng in (f"bytes={size}-", "bytes=9-3", "pages=1-2"):
+        status, headers, body = get(url, {"Range": rng})
+        assert status == 416, rng
+        assert headers["Content-Range"] == f"bytes */{size}"
+    status, _, body = get(url)  # the refused ranges left the transfer usable
+    assert status == 200 and body == path.read_bytes()
+
+
 def test_tampered_upstream_file_is_refused_and_never_cached(
     make_proxy: MakeProxy, upstream: FakeUpstream, published: dict[str, Path], tmp_path: Path,
 ) -> None:
@@ -276,9 +324,13 @@ def test_tampered_upstream_file_is_refused_and_never_cached(
     healed = pip_install(proxy.index_url, tmp_path / "t2", "tiny-dep")
     assert healed.returncode == 0, healed.stderr
     assert upstream.file_requests()
+    # The last byte goes out once verified; fsync and rename follow it.
     cache_dir = proxy.data_dir / "cache" / "files"
-    cached = {p.name for p in cache_dir.rglob("*") if p.is_file()}
-    assert sha256_file(published["dep"]) in cached
+    want = sha256_file(published["dep"])
+    deadline = time.monotonic() + 10
+    while want not in {p.name for p in cache_dir.rglob("*") if p.is_file()}:
+        assert time.monotonic() < deadline, "verified file never committed to the cache"
+        time.sleep(0.05)
 
 
 def test_concurrent_cold_requests_make_one_upstream_fetch(
