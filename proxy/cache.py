@@ -185,7 +185,8 @@ class ArtifactCache:
             size = await asyncio.to_thread(_size_of, final)
             if size is not None:
                 # Committed by another worker between our lookup and our lock.
-                dl.final, dl.written = final, size
+                dl.final = final
+                dl.have_file(size)
                 verified = committed = True
                 self._admit(dl.sha256, size)
                 return
@@ -366,7 +367,7 @@ def _fresh_temp(path: Path) -> tuple[IO[bytes], tuple[int, int]]:
     # followers and readers tell apart by (st_dev, st_ino).
     path.unlink(missing_ok=True)
     # Unbuffered: readers tail this file through their own descriptors, so
-    # every byte counted in dl.written must already be in the kernel.
+    # every byte counted in dl.in_file must already be in the kernel.
     fh = open(path, "xb", buffering=0)  # noqa: SIM115 - the sink closes it
     try:
         st = os.fstat(fh.fileno())

@@ -1,7 +1,8 @@
 """One upstream file transfer, shared by every client waiting for it.
 
-Readers tail the growing temp file, and the last byte is held back until the
-hash is checked, so a tampered file never reaches a client whole. When the
+Readers take the newest bytes from memory the moment they arrive and older
+ones from the growing temp file; the last byte is held back until the hash is
+checked, so a tampered file never reaches a client whole. When the
 cache disk fails mid-transfer (full, most likely), the file is still served but
 not cached: what reached the temp file stays readable there, and the rest
 passes through a small in-memory window that moves at the pace of the slowest
@@ -16,10 +17,9 @@ import logging
 import os
 from collections import deque
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import aiofiles
+from typing import IO
 
 from .errors import ProxyError, UpstreamUnavailable
 
@@ -30,6 +30,9 @@ log = logging.getLogger("indexguard.cache")
 # a 100-client burst on one cold file then peaked ~100 MiB higher
 # (tests/faults/test_load.py: 258 vs 160 MiB).
 CHUNK = 256 * 1024
+# The most a reader takes from the file in one sendfile: it moves on (and lets
+# a spilling writer move on) at least this often.
+SPAN = 8 * 2**20
 # Per transfer: the most recent bytes kept in memory for readers at the head.
 RECENT_BYTES = 2 * 2**20
 # Once the cache disk fails, a transfer keeps at most this much of the file in
@@ -39,6 +42,18 @@ SPILL_BYTES = 4 * 2**20
 # How long a spilling transfer waits for a reader that stopped reading before it
 # drops that reader (its client sees a cut connection) so the others go on.
 LAGGARD_GRACE = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class FileSpan:
+    """Bytes a reader takes straight from the transfer's file (by sendfile)."""
+
+    file: IO[bytes]
+    offset: int
+    count: int
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def _slice(chunks: deque[tuple[int, bytes]], pos: int, limit: int) -> bytes | None:
@@ -69,7 +84,11 @@ class Download:
         self.sha256 = sha256
         self.tmp = tmp
         self.total = size_hint
+        # Bytes readers may have: received, and in memory, the file or the spill.
         self.written = 0
+        # Of those, the bytes in the temp file's kernel buffers, where a reader
+        # behind the memory window reads them (at most written).
+        self.in_file = 0
         self.finished = False
         self.error: ProxyError | None = None
         self.final: Path | None = None
@@ -83,8 +102,10 @@ class Download:
         self.on_disk: int | None = None
         self._spill: deque[tuple[int, bytes]] = deque()
         self._spill_bytes = 0
-        # The last RECENT_BYTES written, (offset, bytes) oldest first: a reader
-        # keeping up with the transfer (the usual one) takes them from here, not
+        # The newest bytes, (offset, bytes) oldest first: at least RECENT_BYTES,
+        # and every byte not yet in the file. A reader keeping up with the
+        # transfer (the usual one) takes them from here as they arrive, neither
+        # waiting for the thread that hashes and writes them nor reading them
         # back from the file through a thread hop per read.
         self._recent: deque[tuple[int, bytes]] = deque()
         self._recent_bytes = 0
@@ -103,7 +124,7 @@ class Download:
         first = self._spill[0][0] if self._spill else self.written
         return first == self.on_disk
 
-    async def _open(self) -> Any:
+    async def _open(self) -> IO[bytes]:
         # The final name is set before the rename, so one of these three finds
         # the file on one side of it or the other. Each name is read when it is
         # tried (the writer may rename while a try is in a thread), and a round
@@ -116,13 +137,13 @@ class Download:
                 if path is None:
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    fh = await aiofiles.open(path, "rb")
+                    fh = await asyncio.to_thread(open, path, "rb", buffering=0)
                     if path == self.final or self._is_ours(fh):
                         return fh
-                    await fh.close()
+                    await asyncio.to_thread(fh.close)
         raise self.error or UpstreamUnavailable("Upstream download vanished")
 
-    def _is_ours(self, fh: Any) -> bool:
+    def _is_ours(self, fh: IO[bytes]) -> bool:
         # Another transfer may have taken over the temp name (a new owner after
         # this one let go); its unverified bytes must not pass for ours. The
         # final name is always safe: only verified bytes ever get it.
@@ -131,23 +152,48 @@ class Download:
         st = os.fstat(fh.fileno())
         return (st.st_dev, st.st_ino) == self.ident
 
-    def remember(self, chunk: bytes) -> None:
-        """A chunk now in the temp file at offset `written` (call before counting it)."""
+    def receive(self, chunk: bytes) -> None:
+        """A chunk from upstream, readable now, at offset `written`."""
         self._recent.append((self.written, chunk))
         self._recent_bytes += len(chunk)
-        while self._recent_bytes > RECENT_BYTES and len(self._recent) > 1:
-            self._recent_bytes -= len(self._recent.popleft()[1])
+        self.written += len(chunk)
+        self._forget()
 
-    async def chunks(self, start: int = 0) -> AsyncGenerator[bytes, None]:
-        """The file's bytes from offset start as they arrive. Raises the
-        download's error, if any."""
+    def filed(self, size: int) -> None:
+        """The temp file now holds the first size bytes."""
+        self.in_file = size
+        self._forget()
+
+    def _forget(self) -> None:
+        # Only bytes a reader can find elsewhere (the file, or the spill once
+        # the disk failed) leave memory.
+        recent = self._recent
+        while self._recent_bytes > RECENT_BYTES and len(recent) > 1:
+            offset, data = recent[0]
+            if self.on_disk is None and offset + len(data) > self.in_file:
+                return
+            recent.popleft()
+            self._recent_bytes -= len(data)
+
+    def have_file(self, size: int) -> None:
+        """Every byte up to size is readable from the file (another worker's, or committed)."""
+        self.written = self.in_file = size
+
+    async def chunks(
+        self, start: int = 0, stop: int | None = None, *, spans: bool = False,
+    ) -> AsyncGenerator[bytes | FileSpan, None]:
+        """The file's bytes from offset start (up to stop) as they arrive.
+
+        With spans, bytes a reader must take from the file come as FileSpans
+        for the consumer to sendfile; else they are read here. Raises the
+        download's error, if any.
+        """
         # Registered before the first await: the writer never drops spilled
         # bytes that a client which has already joined still needs.
         reader = _Reader()
         reader.pos = start
         self._readers.add(reader)
-        fh: Any = None
-        fh_pos = 0
+        fh: IO[bytes] | None = None
         try:
             await self.started.wait()
             if self.error is not None:
@@ -162,41 +208,47 @@ class Download:
                     )
                 # Hold the last byte back until the hash is verified.
                 limit = self.written if self.finished else self.written - 1
+                if stop is not None:
+                    limit = min(limit, stop)
                 if reader.pos < limit:
                     on_disk = self.on_disk
-                    recent = _slice(self._recent, reader.pos, limit)
-                    if recent is not None:
-                        data = recent
+                    data: bytes | FileSpan | None = _slice(self._recent, reader.pos, limit)
+                    if data is not None:
+                        pass
                     elif on_disk is None or reader.pos < on_disk:
-                        end = limit if on_disk is None else min(limit, on_disk)
+                        # Not in memory, so in the file (see _forget).
                         if fh is None:
                             fh = await self._open()
-                            fh_pos = 0
                             reader.opened = True
                             self._progress.set()
-                        if fh_pos != reader.pos:  # some bytes came from memory
-                            await fh.seek(reader.pos)
-                        data = await fh.read(min(CHUNK, end - reader.pos))
-                        fh_pos = reader.pos + len(data)
-                        if not data:
-                            raise UpstreamUnavailable("Upstream download was cut short")
+                        count = min(limit, self.in_file) - reader.pos
+                        if count <= 0:  # not expected (see _forget); wait, never spin
+                            await changed.wait()
+                            continue
+                        if spans:
+                            data = FileSpan(fh, reader.pos, min(count, SPAN))
+                        else:
+                            data = await asyncio.to_thread(
+                                os.pread, fh.fileno(), min(count, CHUNK), reader.pos
+                            )
+                            if not data:
+                                raise UpstreamUnavailable("Upstream download was cut short")
                     else:
-                        spilled = _slice(self._spill, reader.pos, limit)
-                        if spilled is None:
+                        data = _slice(self._spill, reader.pos, limit)
+                        if data is None:
                             raise UpstreamUnavailable("Uncached transfer moved on without us")
-                        data = spilled
                     reader.pos += len(data)
                     self._progress.set()
                     yield data
                     continue
-                if self.finished:
+                if self.finished or (stop is not None and reader.pos >= stop):
                     return
                 await changed.wait()
         finally:
             self._readers.discard(reader)
             self._progress.set()
             if fh is not None:
-                await fh.close()
+                await asyncio.to_thread(fh.close)
 
     async def wait_for_openers(self, timeout: float) -> None:
         """Until every reader that will read the temp file has opened it (or left).
@@ -214,9 +266,9 @@ class Download:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._progress.wait(), timeout=min(left, 1.0))
 
-    def spill(self, chunk: bytes) -> None:
+    def spill(self, offset: int, chunk: bytes) -> None:
         """Keep a chunk in memory for the readers (the disk has failed)."""
-        self._spill.append((self.written, chunk))
+        self._spill.append((offset, chunk))
         self._spill_bytes += len(chunk)
 
     def _trim(self) -> None:

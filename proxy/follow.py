@@ -92,7 +92,7 @@ async def follow(
 ) -> None:
     """Feed dl from another process's transfer until its file is committed.
 
-    Returns with dl.written set to the committed size (the caller marks dl
+    Returns with dl holding the committed size (the caller marks dl
     finished). Raises UpstreamUnavailable when the owner fails, dies, stalls,
     or a different transfer was committed than the one followed.
     """
@@ -119,7 +119,8 @@ async def follow(
                     tail.trusted = True
                     dl.ident = tail.ident
                     dl.started.set()
-                tail.size = dl.written = seen.size
+                tail.size = seen.size
+                dl.have_file(seen.size)
                 dl.notify()
                 last_growth = loop.time()
             if lock_free():
@@ -142,4 +143,4 @@ def _committed(dl: Download, tail: _Tail, final: os.stat_result) -> None:
     if not tail.is_commit(final):
         # Our readers may hold bytes of a transfer that was not the verified one.
         raise UpstreamUnavailable("Another transfer of this file was committed")
-    dl.written = final.st_size
+    dl.have_file(final.st_size)

@@ -1,8 +1,8 @@
 """The temp-file side of one upstream transfer: hash every byte, write it off the loop.
 
 Owns the temp file's descriptor and the transfer's hasher; knows nothing of the
-network, of verification or of the cache. Bytes count as written (readers may
-take them) only once they are in the kernel.
+network, of verification or of the cache. Readers may take bytes from memory as
+soon as they arrive; from the file only once they are in the kernel.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class Sink:
         self._on_disk_failure = on_disk_failure
         self._hasher = hashlib.sha256()
         self.received = 0
+        # Bytes in the file or the spill, in order: where the next chunk goes.
+        self._placed = 0
         self._batch: list[bytes] = []
         self._batch_bytes = 0
         self._job: asyncio.Future[int] | None = None
@@ -70,8 +72,13 @@ class Sink:
         self.received += len(chunk)
         if self._fh is None:
             self._spill([chunk])
+            self._dl.written += len(chunk)
+            self._dl.notify()
             await self._dl.make_room()
             return
+        # Readers have it now; the hash and the file catch up in a thread.
+        self._dl.receive(chunk)
+        self._dl.notify()
         self._batch.append(chunk)
         self._batch_bytes += len(chunk)
         if self._job is None or self._job.done() or self._batch_bytes >= BATCH:
@@ -126,7 +133,7 @@ class Sink:
             fh, self._fh = self._fh, None
             if fh is not None:
                 await asyncio.to_thread(_close_quietly, fh)
-            self._dl.on_disk = self._dl.written
+            self._dl.on_disk = self._placed
             await self._on_disk_failure(exc.error)
             rest, self._batch, self._batch_bytes = self._job_chunks[exc.done :] + self._batch, [], 0
             self._job_chunks = []
@@ -137,21 +144,19 @@ class Sink:
         self._job_chunks = []
 
     def _advance(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self._dl.remember(chunk)
-            self._dl.written += len(chunk)
         if chunks:
-            self._dl.notify()
+            self._placed += sum(len(c) for c in chunks)
+            self._dl.filed(self._placed)
 
     def _spill(self, chunks: list[bytes]) -> None:
+        """Hash and keep in memory chunks the file did not take (readers may have
+        some of them already, from the memory window)."""
         for chunk in chunks:
             # Hashing a chunk takes well under a millisecond (and releases the
             # GIL): not worth a thread hop.
             self._hasher.update(chunk)
-            self._dl.spill(chunk)
-            self._dl.written += len(chunk)
-        if chunks:
-            self._dl.notify()
+            self._dl.spill(self._placed, chunk)
+            self._placed += len(chunk)
 
 
 def _close_quietly(fh: IO[bytes]) -> None:

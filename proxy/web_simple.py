@@ -16,7 +16,7 @@ from aiohttp.web import BaseRequest
 from packaging.utils import NormalizedName
 
 from .dists import name_from_url
-from .download import Download
+from .download import Download, FileSpan
 from .errors import NotFound, ProxyError
 from .fsutil import safe_join
 from .index import LocalFile, Rendered
@@ -202,28 +202,40 @@ async def _stream(
                 return web.Response(status=416, headers=headers)
             (start, stop), status = wanted, 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
-    chunks = download.chunks(start)
+    # sendfile needs the body unframed: a known length, no chunked encoding.
+    await download.started.wait()
+    length = (stop - start) if stop is not None else download.total
+    chunks = download.chunks(start, stop, spans=length is not None)
     try:
         first = await anext(chunks, b"")  # errors before any byte become a clean 4xx/5xx
-        if stop is not None:
-            headers["Content-Length"] = str(stop - start)
-        elif download.total is not None:
-            headers["Content-Length"] = str(download.total)
+        if length is not None:
+            headers["Content-Length"] = str(length)
         response = web.StreamResponse(status=status, headers=headers)
         await response.prepare(request)
         sent = 0
         try:
-            pos = start
-            chunk = first
-            while chunk:
-                if stop is not None and pos + len(chunk) >= stop:
-                    await response.write(chunk[: stop - pos])
-                    sent += stop - pos
-                    break
-                await response.write(chunk)
-                sent += len(chunk)
-                pos += len(chunk)
-                chunk = await anext(chunks, b"")
+            piece = first
+            while piece:
+                if isinstance(piece, FileSpan):
+                    # Behind the memory window: the kernel copies from the
+                    # transfer's file, as for a cached file.
+                    transport = request.transport
+                    if transport is None:
+                        return response
+                    try:
+                        await request.loop.sendfile(
+                            transport, piece.file, piece.offset, piece.count
+                        )
+                    except (OSError, RuntimeError):
+                        # The client went away (RuntimeError: the transport is
+                        # closing), or the file could not be read: cut the
+                        # connection as for any failure mid-body.
+                        transport.abort()
+                        return response
+                else:
+                    await response.write(piece)
+                sent += len(piece)
+                piece = await anext(chunks, b"")
         except ProxyError as exc:
             # Headers are out: the only honest signal left is a cut connection,
             # which pip and uv report as a failed download.

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +149,62 @@ def test_tampered_file_on_two_workers_reaches_no_client_whole(
     assert metric(proxy, "indexguard_file_cache_total", result="miss") >= 2
     assert good not in cached_hashes(proxy.data_dir)
     assert eventually(lambda: not _part_files(proxy))
+
+
+def _lagging_get(url: str, pause: float) -> tuple[int, bytes]:
+    """A client that takes 64 KiB, stops reading for pause seconds (the transfer
+    runs ahead, past the proxy's in-memory window), then reads the rest.
+    Returns (status, body read before the end or a cut connection)."""
+    host, _, port = url.split("://", 1)[1].split("/", 1)[0].partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=CLIENT_TIMEOUT)
+    conn.connect()
+    assert conn.sock is not None
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    conn.request("GET", "/" + url.split("://", 1)[1].split("/", 1)[1])
+    resp = conn.getresponse()
+    body = resp.read(64 * 1024)
+    time.sleep(pause)
+    try:
+        while chunk := resp.read(1 << 20):
+            body += chunk
+    except (http.client.IncompleteRead, OSError) as exc:
+        body += getattr(exc, "partial", b"")
+    finally:
+        conn.close()
+    return resp.status, body
+
+
+@pytest.mark.parametrize("tampered", [False, True], ids=["intact", "tampered"])
+def test_a_client_far_behind_a_cold_transfer_gets_it_from_the_file(
+    make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path, tampered: bool,
+) -> None:
+    # Four times the in-memory window: the lagging client reads most of the
+    # file from the transfer's temp file, while it is still being written.
+    wheel = build_wheel(artifacts_dir, "lagged", "1.0", extra_bytes=8 * 2**20)
+    upstream.add(wheel, with_metadata=False)
+    data = wheel.read_bytes()
+    if tampered:
+        upstream.fault("tamper", path_prefix="/files/")
+    else:
+        upstream.fault("slow", path_prefix="/files/", seconds=1.0, phase="body")
+    proxy = make_proxy({"upstream": {"url": upstream.url, "timeout": 20}})
+    url = f"{proxy.url}/files/lagged/{wheel.name}"
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        lagging = [pool.submit(_lagging_get, url, pause) for pause in (0.5, 2.0)]
+        prompt = call(url, timeout=CLIENT_TIMEOUT)
+        results = [f.result() for f in lagging]
+    if tampered:
+        # Held back at the last byte, whichever way each client reads.
+        assert not (prompt.status == 200 and prompt.complete)
+        for _status, body in results:
+            assert len(body) < len(data)
+        assert sha256_file(wheel) not in cached_hashes(proxy.data_dir)
+    else:
+        assert prompt.status == 200 and prompt.body == data
+        for status, body in results:
+            assert status == 200 and body == data
+        assert _fetches_of(upstream, wheel) == 1
+    assert "Traceback" not in proxy.log_text()
 
 
 def test_owner_killed_mid_transfer_fails_followers_fast_and_heals(
