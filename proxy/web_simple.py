@@ -5,6 +5,7 @@ Thin handlers: parse the request, ask the Index, render the answer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -185,11 +186,11 @@ async def _stream(
     request: web.Request, download: Download, headers: dict[str, str], metrics: Metrics,
 ) -> web.StreamResponse:
     status, start, stop = 200, 0, None
+    await download.started.wait()  # upstream has answered: the size is known, if ever
     if "Range" in request.headers:
         # A Range on a file still arriving (uv reads wheels' metadata so, and a
         # request can land between the last byte and the cache commit) gets
-        # the same 206 or 416 as a cached file would, once the size is known.
-        await download.started.wait()
+        # the same 206 or 416 as a cached file would.
         total = download.total
         if total is not None:
             try:
@@ -203,7 +204,6 @@ async def _stream(
             (start, stop), status = wanted, 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
     # sendfile needs the body unframed: a known length, no chunked encoding.
-    await download.started.wait()
     length = (stop - start) if stop is not None else download.total
     chunks = download.chunks(start, stop, spans=length is not None)
     try:
@@ -223,7 +223,7 @@ async def _stream(
                     if transport is None:
                         return response
                     try:
-                        await request.loop.sendfile(
+                        await asyncio.get_running_loop().sendfile(
                             transport, piece.file, piece.offset, piece.count
                         )
                     except (OSError, RuntimeError):

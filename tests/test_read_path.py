@@ -285,7 +285,7 @@ def test_range_requests_on_a_file_still_arriving_and_once_cached(
     assert len([r for r in upstream.file_requests() if r[1].endswith(big.name)]) == 1
     # Cached now: the same answers from the file on disk.
     for rng, want in (("bytes=0-9", data[:10]), ("bytes=-10", data[-10:]),
-                      (f"bytes={size - 5}-", data[-5:])):
+                      (f"bytes={size - 5}-", data[-5:]), (f"bytes=-{size + 9}", data)):
         status, headers, body = get(url, {"Range": rng})
         assert (status, body) == (206, want), rng
     status, headers, _ = get(url, {"Range": f"bytes={size}-"})
