@@ -202,7 +202,7 @@ class ArtifactCache:
                     dl.total = length
                 dl.started.set()
                 async for chunk in resp.content.iter_chunked(CHUNK):
-                    if dl.total is not None and sink.received + len(chunk) > dl.total:
+                    if dl.total is not None and dl.written + len(chunk) > dl.total:
                         raise UpstreamUnavailable(
                             f"Upstream sent more than the {dl.total} bytes expected"
                         )

@@ -211,20 +211,19 @@ class Download:
                 if stop is not None:
                     limit = min(limit, stop)
                 if reader.pos < limit:
-                    on_disk = self.on_disk
                     data: bytes | FileSpan | None = _slice(self._recent, reader.pos, limit)
-                    if data is not None:
-                        pass
-                    elif on_disk is None or reader.pos < on_disk:
-                        # Not in memory, so in the file (see _forget).
+                    if data is None and self.on_disk is not None and reader.pos >= self.on_disk:
+                        data = _slice(self._spill, reader.pos, limit)
+                        if data is None:
+                            raise UpstreamUnavailable("Uncached transfer moved on without us")
+                    if data is None:
+                        # Not in memory, so in the file: memory lets go of no
+                        # byte the file does not hold (see _forget).
                         if fh is None:
                             fh = await self._open()
                             reader.opened = True
                             self._progress.set()
                         count = min(limit, self.in_file) - reader.pos
-                        if count <= 0:  # not expected (see _forget); wait, never spin
-                            await changed.wait()
-                            continue
                         if spans:
                             data = FileSpan(fh, reader.pos, min(count, SPAN))
                         else:
@@ -233,10 +232,6 @@ class Download:
                             )
                             if not data:
                                 raise UpstreamUnavailable("Upstream download was cut short")
-                    else:
-                        data = _slice(self._spill, reader.pos, limit)
-                        if data is None:
-                            raise UpstreamUnavailable("Uncached transfer moved on without us")
                     reader.pos += len(data)
                     self._progress.set()
                     yield data

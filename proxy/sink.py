@@ -55,7 +55,6 @@ class Sink:
         self._fh = fh
         self._on_disk_failure = on_disk_failure
         self._hasher = hashlib.sha256()
-        self.received = 0
         # Bytes in the file or the spill, in order: where the next chunk goes.
         self._placed = 0
         self._batch: list[bytes] = []
@@ -69,7 +68,6 @@ class Sink:
     async def feed(self, chunk: bytes) -> None:
         """Take the next chunk from upstream. Raises UpstreamUnavailable when spilling
         and no reader is left (see Download.make_room)."""
-        self.received += len(chunk)
         if self._fh is None:
             self._spill([chunk])
             self._dl.written += len(chunk)
@@ -88,7 +86,7 @@ class Sink:
             await self._dl.make_room()
 
     async def finish(self) -> None:
-        """Every byte received is now written (or spilled) and hashed."""
+        """Every byte fed is now written (or spilled) and hashed."""
         await self._settle()
         self._start()
         await self._settle()
