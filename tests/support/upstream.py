@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import json
 import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from .artifacts import metadata_field, sha256_file, wheel_metadata
 from .faults import Fault, FaultBook, Payload, early_response, send
 from .simple import (
     HTML_V1,
+    JSON_V1,
     TEXT_HTML,
     UpstreamFile,
     file_url,
@@ -66,6 +68,8 @@ class FakeUpstream:
         self._files: dict[str, UpstreamFile] = {}
         self._requests: list[tuple[str, str]] = []
         self._faults = FaultBook()
+        # path -> (status, headers, body): raw answers a hostile upstream scripts.
+        self._scripted: dict[str, tuple[int, dict[str, str], bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.html_only = False
@@ -258,6 +262,44 @@ class FakeUpstream:
     def clear_faults(self) -> None:
         self._faults.clear()
 
+    # ----------------------------------------------------------------- hostile answers
+    def script(
+        self,
+        path: str,
+        body: bytes | str | Any = b"",
+        *,
+        status: int = 200,
+        content_type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer `path` (exact, query ignored) with exactly these bytes from now on.
+
+        A dict or list body is sent as PEP 691 JSON; a str as text/html; bytes
+        with the content_type given. This is how tests play a hostile upstream:
+        any page, any status, any header (a `Location` for a redirect).
+        """
+        if isinstance(body, dict | list):
+            raw = json.dumps(body).encode()
+            content_type = content_type or JSON_V1
+        elif isinstance(body, str):
+            raw = body.encode()
+            content_type = content_type or f"{TEXT_HTML}; charset=utf-8"
+        else:
+            raw = bytes(body)
+        answer_headers = dict(headers or {})
+        if content_type:
+            answer_headers["Content-Type"] = content_type
+        with self._lock:
+            self._scripted[path] = (status, answer_headers, raw)
+
+    def unscript(self, path: str | None = None) -> None:
+        """Forget one scripted answer, or all of them."""
+        with self._lock:
+            if path is None:
+                self._scripted.clear()
+            else:
+                self._scripted.pop(path, None)
+
     # ----------------------------------------------------------------- HTTP
     def _make_app(self) -> web.Application:
         @web.middleware
@@ -266,6 +308,10 @@ class FakeUpstream:
         ) -> web.StreamResponse:
             with self._lock:
                 self._requests.append((request.method, request.path))
+                scripted = self._scripted.get(request.path)
+            if scripted is not None:
+                status, headers, raw = scripted
+                return web.Response(status=status, headers=headers, body=raw)
             fault = self._faults.take(request.path)
             if fault is not None:
                 early = await early_response(request, fault)
