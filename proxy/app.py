@@ -76,6 +76,7 @@ def _routes(app: web.Application) -> None:
     add("GET", "/files/{project}/{filename}", web_simple.dist_file, "read")
     add("POST", "/", web_upload.upload, "write")
     add("POST", "/legacy/", web_upload.upload, "write")
+    add("POST", "/legacy", web_upload.upload, "write")  # twine --repository-url .../legacy
     add("GET", "/", web_ops.landing, None)
     add("GET", "/-/health", web_ops.health, None)
     add("GET", "/metrics", web_ops.metrics, None)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+import yaml
 from aiohttp import web
 from prometheus_client.multiprocess import mark_process_dead
 
@@ -75,32 +76,53 @@ def check_config(path: str) -> int:
     return 0
 
 
-def token_new(name: str, scopes_text: str, expires: str | None) -> int:
+def token_new(name: str, scopes_text: str, expires: str | None,
+              today: dt.date | None = None) -> int:
     scopes = [s.strip() for s in scopes_text.split(",") if s.strip()]
     bad = [s for s in scopes if s not in SCOPES] or ([] if scopes else ["(none)"])
     if bad:
         print(f"--scopes: unknown {', '.join(bad)}; use {','.join(SCOPES)}", file=sys.stderr)
         return EXIT_CONFIG
+    if not name.strip() or not name.isprintable() or name == "__token__":
+        print("--name: expected a printable name other than __token__", file=sys.stderr)
+        return EXIT_CONFIG
+    entry: dict[str, object] = {"name": name}
     if expires is not None:
         try:
-            dt.date.fromisoformat(expires)
+            until = dt.date.fromisoformat(expires)
         except ValueError:
-            print(f"--expires: expected YYYY-MM-DD, got {expires!r}", file=sys.stderr)
+            print(f"--expires: expected a date YYYY-MM-DD, got {expires}", file=sys.stderr)
+            return EXIT_CONFIG
+        if until < (today or dt.date.today()):
+            print(f"--expires: {until.isoformat()} is in the past", file=sys.stderr)
             return EXIT_CONFIG
     secret = new_secret()
-    print(f"# secret for {name} (shown once; store it in your CI's secret store):")
+    entry["sha256"] = hash_secret(secret)
+    entry["scopes"] = scopes
+    if expires is not None:
+        entry["expires"] = until.isoformat()
+    print(f"# secret for {name.encode('ascii', 'backslashreplace').decode()}"
+          " (shown once; store it in your CI's secret store):")
     print(f"#   {secret}")
     print("# add under auth.tokens in the config, then reload with SIGHUP:")
-    print(f"- name: {name}")
-    print(f"  sha256: {hash_secret(secret)}")
-    print(f"  scopes: [{', '.join(scopes)}]")
-    if expires:
-        print(f"  expires: {expires}")
+    # Dumped, not formatted: a name like "ci: nightly" must come out as valid,
+    # quoted YAML that pastes into the config as it is.
+    print(yaml.safe_dump([entry], sort_keys=False, default_flow_style=None,
+                         allow_unicode=False).rstrip())
     return 0
 
 
-def _run_worker(config: Config, path: str | None, reuse_port: bool) -> None:
-    asyncio.run(_serve_until_signal(config, path, reuse_port))
+class CannotListen(Exception):
+    """The address is taken or not ours: one line to stderr, exit 1."""
+
+
+def _run_worker(config: Config, path: str | None, reuse_port: bool) -> int:
+    try:
+        asyncio.run(_serve_until_signal(config, path, reuse_port))
+    except CannotListen as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
 
 
 async def _serve_until_signal(config: Config, path: str | None, reuse_port: bool) -> None:
@@ -128,7 +150,13 @@ async def _serve_until_signal(config: Config, path: str | None, reuse_port: bool
             runner, config.listen.host, config.listen.port,
             backlog=2048, reuse_port=reuse_port or None,
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CannotListen(
+                f"listen: cannot listen on {config.listen.host}:{config.listen.port}: "
+                f"{os.strerror(exc.errno) if exc.errno else 'failed'}"
+            ) from None
         loop = asyncio.get_running_loop()
         signals = asyncio.Queue[int]()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -223,12 +251,10 @@ def serve(path: str | None, host: str | None, port: int | None, argv: Sequence[s
         "data_dir": str(config.data_dir.resolve()), "workers": config.worker_count,
     })
     if os.environ.get(WORKER_ENV):
-        _run_worker(config, path, reuse_port=True)
-        return 0
+        return _run_worker(config, path, reuse_port=True)
     if config.worker_count > 1:
         return _supervise(config, list(argv), config.worker_count)
-    _run_worker(config, path, reuse_port=False)
-    return 0
+    return _run_worker(config, path, reuse_port=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -358,21 +358,47 @@ def _realm(value: Any) -> str:
     return text
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML's implicit timestamps.
+
+    PyYAML turns `2027-02-30` into a date while parsing and raises a bare
+    ValueError for an impossible one, far from any key. As plain strings, dates
+    reach _date(), which reports them as `key.path: what is wrong`.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Read and validate a YAML file; None gives the embedded default.
 
-    Raises ConfigError (unreadable file, bad YAML, or invalid values).
+    Raises ConfigError (unreadable file, not UTF-8, bad YAML, or invalid
+    values), and nothing else: serve, check-config and a SIGHUP reload all
+    report it as one line per problem.
     """
     if path is None:
         return build_config({})
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:
-        raw = yaml.safe_load(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x})"
+        ]) from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: invalid YAML: {one_line_yaml(exc)}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: invalid YAML: nested too deeply"]) from None
     return build_config(raw, source=str(path))
 
 
