@@ -51,7 +51,12 @@ class Upstream:
     forward: bool = True
     index_ttl: float = 600.0
     negative_ttl: float = 60.0
-    timeout: float = 30.0
+    # Well under pip's own 15 s: a hanging upstream must cost less than the
+    # client's patience, so the stale page still reaches it.
+    timeout: float = 5.0
+    # After the upstream fails (timeout, refused, 5xx): how long it counts as
+    # down for every name; stale pages answer at once, other names get 502.
+    backoff: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +303,7 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
         port=r.get(s, "listen.", "port", d.listen.port, _int_range(0, 65535)),
     )
     s = r.section(top.get("upstream", {}), "upstream",
-                  {"url", "forward", "index_ttl", "negative_ttl", "timeout"})
+                  {"url", "forward", "index_ttl", "negative_ttl", "timeout", "backoff"})
     upstream = Upstream(
         url=r.get(s, "upstream.", "url", d.upstream.url, _url),
         forward=r.get(s, "upstream.", "forward", d.upstream.forward, _bool),
@@ -306,6 +311,7 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
         negative_ttl=r.get(s, "upstream.", "negative_ttl", d.upstream.negative_ttl,
                            parse_duration),
         timeout=r.get(s, "upstream.", "timeout", d.upstream.timeout, _positive_duration),
+        backoff=r.get(s, "upstream.", "backoff", d.upstream.backoff, parse_duration),
     )
     s = r.section(top.get("cache", {}), "cache", {"max_bytes", "memory_pages"})
     cache = Cache(

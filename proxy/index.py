@@ -38,10 +38,23 @@ log = logging.getLogger("indexguard.index")
 guard_log = logging.getLogger("indexguard.guard")
 
 Source = Literal["private", "cache", "upstream"]
-# After an upstream failure, stale pages are served this long before asking
-# again, so an outage costs one timeout, not one per request.
-FAILURE_BACKOFF = 15.0
 _GZIP_MIN = 512
+
+
+@dataclass(slots=True)
+class Outage:
+    """The upstream counts as down until `until` (time.time()), for every name.
+
+    Set by a failure of the upstream itself (timeout, refused, 5xx), so that a
+    hanging upstream costs one timeout per outage, not one per name: until
+    then stale pages answer at once and names with nothing cached get 502.
+    """
+
+    until: float = 0.0
+    reason: str = ""
+
+    def active(self, now: float) -> bool:
+        return now < self.until
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +144,9 @@ class Index:
             tuple[str, str], tuple[tuple[object, ...], float, Rendered]
         ] = OrderedDict()
         self._flights: dict[str, asyncio.Future[CachedPage]] = {}
+        # Per name: a broken page (garbage, too large) backs off that name alone.
         self._backoff: dict[str, float] = {}
+        self.outage = Outage()
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self.served_names: OrderedDict[str, None] = OrderedDict()
@@ -305,6 +320,17 @@ class Index:
             ):
                 self.metrics.count(self.metrics.index_cache, "hit")
                 return entry
+        now = time.time()
+        if self.outage.active(now):
+            # Not asked again until the outage is over: stale or 502, at once
+            # (logged once, when the upstream was marked down).
+            if entry is not None and entry.page is not None:
+                self.metrics.stale_pages.inc()
+                return entry
+            raise UpstreamUnavailable(
+                f"Upstream index unavailable for {name}: {self.outage.reason}; "
+                f"asking again in {self.outage.until - now:.0f}s"
+            )
         flight = self._flights.get(name)
         if flight is None:
             flight = asyncio.ensure_future(self._refresh(name, entry, config, want))
@@ -344,7 +370,9 @@ class Index:
                         config, now, *want,
                     )
             except PageParseError as exc:
-                return self._stale_or_fail(name, entry, f"upstream sent a broken page ({exc})")
+                return self._stale_or_fail(
+                    name, entry, f"upstream sent a broken page ({exc})", config, backoff=True
+                )
             fresh = CachedPage(page, now, resp.etag, resp.last_modified)
             self.metrics.count(self.metrics.index_cache, "miss")
             self.ledger.remember(name, True)
@@ -356,7 +384,12 @@ class Index:
             self.metrics.count(self.metrics.index_cache, "miss")
             self.ledger.remember(name, False)
         else:
-            return self._stale_or_fail(name, entry, resp.reason or "upstream unavailable")
+            reason = resp.reason or "upstream unavailable"
+            if resp.down:
+                self.outage = Outage(now + config.upstream.backoff, f"upstream down ({reason})")
+                log.warning("upstream marked down", extra={
+                    "reason": reason, "seconds": config.upstream.backoff})
+            return self._stale_or_fail(name, entry, reason, config, backoff=not resp.down)
         self._backoff.pop(name, None)
         self._remember(name, fresh)
         if pre is not None and want is not None and self._memory_pages:
@@ -372,10 +405,14 @@ class Index:
         write.add_done_callback(self._writes.discard)
         return fresh
 
-    def _stale_or_fail(self, name: str, entry: CachedPage | None, reason: str) -> CachedPage:
+    def _stale_or_fail(
+        self, name: str, entry: CachedPage | None, reason: str, config: Config,
+        *, backoff: bool = False,
+    ) -> CachedPage:
         if entry is not None and entry.page is not None:
             self.metrics.stale_pages.inc()
-            self._backoff[name] = time.time() + FAILURE_BACKOFF
+            if backoff:
+                self._backoff[name] = time.time() + config.upstream.backoff
             log.warning("serving stale page", extra={"project": name, "reason": reason})
             return entry
         raise UpstreamUnavailable(f"Upstream index unavailable for {name}: {reason}")

@@ -38,6 +38,9 @@ class PageResponse:
     etag: str | None = None
     last_modified: str | None = None
     reason: str = ""
+    # The upstream itself failed (no answer in time, connection refused or cut,
+    # a 5xx), not just this one page: the caller marks it down for every name.
+    down: bool = False
 
 
 def _environment_configures_http() -> bool:
@@ -108,7 +111,8 @@ class UpstreamClient:
                 if resp.status != 200:
                     self._record("page", "error", started)
                     return PageResponse(
-                        "unavailable", url, reason=f"upstream answered {resp.status}"
+                        "unavailable", url, reason=f"upstream answered {resp.status}",
+                        down=resp.status >= 500,
                     )
                 if (resp.content_length or 0) > MAX_PAGE_BYTES:
                     self._record("page", "error", started)
@@ -138,7 +142,7 @@ class UpstreamClient:
             reason = "upstream timed out" if isinstance(exc, asyncio.TimeoutError) else (
                 f"upstream failed: {type(exc).__name__}"
             )
-            return PageResponse("unavailable", url, reason=reason)
+            return PageResponse("unavailable", url, reason=reason, down=True)
 
     @asynccontextmanager
     async def open_file(self, url: str, timeout: float) -> AsyncIterator[aiohttp.ClientResponse]:

@@ -118,7 +118,8 @@ def test_no_stale_page_and_upstream_down_is_502(
 def test_upstream_5xx_serves_stale_then_heals(
     make_proxy: MakeProxy, upstream: FakeUpstream, published: dict[str, Path],
 ) -> None:
-    proxy = make_proxy({"upstream": {"url": upstream.url, "index_ttl": 0, "timeout": 2}})
+    proxy = make_proxy({"upstream": {"url": upstream.url, "index_ttl": 0, "timeout": 2,
+                                     "backoff": 2}})
     first = get(proxy.url + "/simple/tiny-app/", {"Accept": JSON_V1})
     assert first[0] == 200
     upstream.fault("status", path_prefix="/simple/", code=503)
@@ -127,7 +128,7 @@ def test_upstream_5xx_serves_stale_then_heals(
     upstream.clear_faults()
     newer = build_wheel(published["dep"].parent, "Tiny_App", "3.0")
     upstream.add(newer)
-    time.sleep(16)  # the failure backoff (index.FAILURE_BACKOFF) runs out
+    time.sleep(2.5)  # the outage (upstream.backoff) runs out
     healed = get(proxy.url + "/simple/tiny-app/", {"Accept": JSON_V1})
     assert healed[0] == 200
     assert newer.name in {f["filename"] for f in orjson.loads(healed[2])["files"]}
