@@ -29,8 +29,8 @@ _MAX_UPLOAD_TIME = 64
 def hex_digest(algo: str, value: object) -> str | None:
     """The lowercased digest if value is hex of algo's length, else None.
 
-    Lowercase first: hex is case-insensitive, and a correct uppercase sha256
-    must match the file, not count as a mismatch.
+    Lowercased: hex is case-insensitive, and a correct uppercase sha256 must
+    match the file (and name its cache entry), not count as a mismatch.
     """
     if type(value) is not str or len(value) != DIGEST_HEX_LENGTHS.get(algo):
         return None

@@ -150,7 +150,7 @@ def test_root_lists_projects_relatively() -> None:
 
 def test_unsafe_upstream_filenames_are_dropped() -> None:
     body = orjson.dumps({"meta": {"api-version": "1.1"}, "name": "x", "files": [
-        {"filename": "../../etc/passwd", "url": "a", "hashes": {}},
+        {"filename": "../../abs/path/canary", "url": "a", "hashes": {}},
         {"filename": "x-1.0.tar.gz", "url": "x-1.0.tar.gz", "hashes": {"sha256": "a" * 64}},
     ]})
     page = parse_page(body, JSON_V1, "http://u/simple/x/", NormalizedName("x"))
@@ -218,7 +218,7 @@ def _parse_json_files(*entries: object, **page: object) -> ProjectPage:
 @pytest.mark.parametrize(
     ("fields", "attr", "expected"),
     [
-        ({"hashes": {"sha256": "/etc/passwd"}}, "hashes", {}),
+        ({"hashes": {"sha256": "/abs/path/canary"}}, "hashes", {}),
         ({"hashes": {"sha256": SHA.upper()}}, "hashes", {"sha256": SHA}),
         ({"hashes": ["a"]}, "hashes", {}),
         ({"hashes": None}, "hashes", {}),
@@ -267,7 +267,7 @@ def test_json_entries_of_the_wrong_shape_are_skipped() -> None:
 def test_html_digests_are_hex_or_dropped() -> None:
     anchors = [
         f'<a href="a-1.0.tar.gz#sha256={SHA.upper()}" data-core-metadata="sha256={SHA}">a</a>',
-        '<a href="b-1.0.tar.gz#sha256=/etc/passwd" data-core-metadata="sha256=../x">b</a>',
+        '<a href="b-1.0.tar.gz#sha256=/abs/path/canary" data-core-metadata="sha256=../x">b</a>',
         f'<a href="c-1.0.tar.gz#md5={"a" * 32}&amp;sha256={SHA}">c</a>',
         '<a href="http://[bad/d-1.0.tar.gz">d</a>',
         '<a href="e-1.0.tar.gz" data-requires-python data-core-metadata="true">e</a>',
@@ -289,7 +289,7 @@ def test_stored_pages_are_checked_again_when_read() -> None:
     page = ProjectPage.from_json({
         "name": "x",
         "files": [
-            {"filename": "x-1.0.tar.gz", "hashes": {"sha256": "/etc/passwd", "md5": 5},
+            {"filename": "x-1.0.tar.gz", "hashes": {"sha256": "/abs/path/canary", "md5": 5},
              "requires_python": 3.8, "yanked": [], "metadata_hashes": {"sha256": "../c"},
              "size": "big", "upload_time": 1700000000, "origin": 7},
             {"filename": "x-2.0.tar.gz", "hashes": {"sha256": SHA.upper()},
