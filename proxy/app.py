@@ -171,7 +171,8 @@ def _authorize(request: web.Request, scope: str) -> None:
 
 
 def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
-    headers = {}
+    # The reason may quote what a client or upstream sent: never sniffed as HTML.
+    headers = {"X-Content-Type-Options": "nosniff"}
     if isinstance(exc, Unauthorized):
         realm = request.app[CONFIG].current.auth.realm
         headers["WWW-Authenticate"] = f'Basic realm="{realm}"'

@@ -23,7 +23,7 @@ from typing import IO, Any
 import aiohttp
 
 from .download import CHUNK, Download
-from .errors import ProxyError, UpstreamUnavailable
+from .errors import NotFound, ProxyError, UpstreamUnavailable
 from .follow import follow
 from .fsutil import commit, temp_path
 from .hashlock import HashLocks
@@ -66,7 +66,8 @@ class ArtifactCache:
         for sub in os.scandir(self.root):
             if sub.is_dir():
                 for entry in os.scandir(sub.path):
-                    if entry.is_file() and not entry.name.startswith("."):
+                    # Only hash names: path_for refuses anything else.
+                    if entry.is_file() and _SHA256.fullmatch(entry.name):
                         st = entry.stat()
                         found.append((st.st_mtime, entry.name, st.st_size))
         for _mtime, sha, size in sorted(found):
@@ -103,10 +104,20 @@ class ArtifactCache:
         self._metrics.cache_entries.set(len(self._lru))
 
     def path_for(self, sha256: str) -> Path:
+        """Raises NotFound unless sha256 is 64 lowercase hex digits.
+
+        The parser checks every digest already; this is the last line, as a
+        page cached by an older version may hold any string for a hash, and
+        a path built from one could name any file (served, then evicted).
+        """
+        if not _SHA256.fullmatch(sha256):
+            raise NotFound("No valid sha256 for this file; the proxy serves verified files only")
         return self.root / sha256[:2] / sha256
 
     def lookup(self, sha256: str) -> Path | None:
-        """The committed file for a hash, or None. Marks it recently used."""
+        """The committed file for a hash, or None. Marks it recently used.
+
+        Raises NotFound for a sha256 that is not 64 lowercase hex digits."""
         path = self.path_for(sha256)
         try:
             size = os.stat(path).st_size
@@ -130,7 +141,10 @@ class ArtifactCache:
         self, sha256: str, url: str, size_hint: int | None,
         opener: Callable[[str], Any],
     ) -> Download:
-        """Start (or join) the single download of url, expected to hash to sha256."""
+        """Start (or join) the single download of url, expected to hash to sha256.
+
+        Raises NotFound for a sha256 that could not name a file (see path_for)."""
+        self.path_for(sha256)  # names the temp file too: checked before either exists
         current = self._inflight.get(sha256)
         if current is not None and current.joinable:
             return current

@@ -23,6 +23,10 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import BadRequest
 
+# Defined in model (the models check digests, and sit below this module);
+# re-exported beside the other validators of what clients and upstreams send.
+from .model import sha256_hex as sha256_hex
+
 # Artifacts the simple API serves besides wheels and sdists (legacy uploads on
 # PyPI); the proxy passes them through from upstream but never accepts them.
 _LEGACY_SUFFIXES = (".egg", ".exe", ".msi", ".tar.bz2", ".tgz", ".tar", ".zip", ".rpm")
@@ -75,7 +79,11 @@ def is_safe_filename(filename: str) -> bool:
         and not filename.startswith(".")
         and "/" not in filename
         and "\\" not in filename
-        and all(32 < ord(ch) < 127 for ch in filename)
+        # Printable ASCII without space, i.e. 32 < ord(ch) < 127 for every
+        # character, tested in C: this runs for every file of every upstream page.
+        and filename.isascii()
+        and filename.isprintable()
+        and " " not in filename
     )
 
 

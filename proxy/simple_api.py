@@ -18,7 +18,17 @@ from packaging.utils import NormalizedName, canonicalize_name
 
 from .dists import guess_version, is_safe_filename
 from .errors import BadRequest, NotAcceptable
-from .model import FileEntry, ProjectPage
+from .model import (
+    FileEntry,
+    ProjectPage,
+    clean_hashes,
+    clean_metadata,
+    clean_size,
+    clean_text,
+    clean_upload_time,
+    clean_yanked,
+    hex_digest,
+)
 
 API_VERSION = "1.1"
 JSON_V1 = "application/vnd.pypi.simple.v1+json"
@@ -164,7 +174,9 @@ def render_project_html(page: ProjectPage) -> bytes:
         f"<title>Links for {name}</title>\n</head>\n<body>\n<h1>Links for {name}</h1>\n"
     ]
     for f in page.files:
-        href = html.escape(file_href(page.name, f.filename)) + _hash_fragment(f.hashes)
+        # The digest is hex (the models check it) and escaped all the same:
+        # every value from upstream is escaped on its way into HTML.
+        href = html.escape(file_href(page.name, f.filename) + _hash_fragment(f.hashes))
         attrs = [f'href="{href}"']
         if f.requires_python:
             attrs.append(f'data-requires-python="{html.escape(f.requires_python)}"')
@@ -254,41 +266,55 @@ def parse_page(
     raise PageParseError(f"unexpected content type {ctype!r}")
 
 
-def _parse_metadata_flag(value: Any) -> dict[str, str] | None:
-    if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
-    return {} if value is True else None
+def _origin(page_url: str, href: object) -> str | None:
+    """The absolute URL of a file link; None for a non-string or unparsable one
+    (urljoin raises ValueError for a bracketed host that is not IPv6)."""
+    if not isinstance(href, str) or not href:
+        return None
+    try:
+        return urljoin(page_url, href)
+    except ValueError:
+        return None
 
 
 def _parse_json(body: bytes, page_url: str, project: NormalizedName) -> ProjectPage:
+    """Every field is typed on the way in: a field of the wrong type is dropped,
+    an entry without a usable filename or url is skipped (PEP 691 types)."""
     try:
         data = orjson.loads(body)
-        raw_files = data["files"]
-        if not isinstance(raw_files, list):
-            raise TypeError("files is not a list")
-        files = []
-        for raw in raw_files:
-            filename = str(raw["filename"])
-            if not is_safe_filename(filename):
-                continue  # could not be served from one path segment: never list it
-            yanked = raw.get("yanked", False)
-            meta = raw.get("core-metadata", raw.get("dist-info-metadata"))
-            size = raw.get("size")
-            files.append(
-                FileEntry(
-                    filename=filename,
-                    hashes={str(k): str(v) for k, v in (raw.get("hashes") or {}).items()},
-                    requires_python=raw.get("requires-python") or None,
-                    yanked=yanked if isinstance(yanked, str) and yanked else bool(yanked),
-                    metadata_hashes=_parse_metadata_flag(meta),
-                    size=size if isinstance(size, int) else None,
-                    upload_time=raw.get("upload-time") or None,
-                    origin=urljoin(page_url, str(raw["url"])),
-                )
-            )
-        versions = tuple(str(v) for v in data.get("versions") or ())
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except orjson.JSONDecodeError as exc:
         raise PageParseError(f"invalid PEP 691 JSON: {exc}") from None
+    raw_files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(raw_files, list):
+        raise PageParseError("invalid PEP 691 JSON: no files list")
+    files = []
+    for raw in raw_files:
+        if not isinstance(raw, dict):
+            continue
+        filename = raw.get("filename")
+        if not isinstance(filename, str) or not is_safe_filename(filename):
+            continue  # could not be served from one path segment: never list it
+        origin = _origin(page_url, raw.get("url"))
+        if origin is None:
+            continue
+        meta = raw.get("core-metadata", raw.get("dist-info-metadata"))
+        files.append(
+            FileEntry(
+                filename=filename,
+                hashes=clean_hashes(raw.get("hashes")),
+                requires_python=clean_text(raw.get("requires-python")),
+                yanked=clean_yanked(raw.get("yanked", False)),
+                metadata_hashes=clean_metadata(meta),
+                size=clean_size(raw.get("size")),
+                upload_time=clean_upload_time(raw.get("upload-time")),
+                origin=origin,
+            )
+        )
+    raw_versions = data.get("versions")
+    versions = (
+        tuple(v for v in raw_versions if isinstance(v, str))
+        if isinstance(raw_versions, list) else ()
+    )
     return ProjectPage(name=project, files=tuple(files), versions=versions)
 
 
@@ -331,31 +357,45 @@ def _parse_html(body: bytes, page_url: str, project: NormalizedName) -> ProjectP
         href = attrs.get("href")
         if not href:
             continue
-        url, fragment = urldefrag(urljoin(page_url, href))
-        filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or text
+        absolute = _origin(page_url, href)
+        if absolute is None:
+            continue
+        try:
+            url, fragment = urldefrag(absolute)
+            filename = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or text
+        except ValueError:
+            continue
         if not is_safe_filename(filename):
             continue
-        hashes: dict[str, str] = {}
-        algo, sep, digest = fragment.partition("=")
-        if sep and algo in ("sha256", "sha384", "sha512", "md5"):
-            hashes[algo] = digest
         yanked_attr = attrs.get("data-yanked")
         meta_attr = attrs.get("data-core-metadata", attrs.get("data-dist-info-metadata"))
         meta: dict[str, str] | None = None
         if meta_attr is not None:
-            m_algo, m_sep, m_digest = meta_attr.partition("=")
-            meta = {m_algo: m_digest} if m_sep else {}
+            meta = _fragment_hashes(meta_attr)
         files.append(
             FileEntry(
                 filename=filename,
-                hashes=hashes,
-                requires_python=attrs.get("data-requires-python") or None,
+                hashes=_fragment_hashes(fragment),
+                requires_python=clean_text(attrs.get("data-requires-python")),
                 yanked=(yanked_attr or True) if "data-yanked" in attrs else False,
                 metadata_hashes=meta,
                 origin=url,
             )
         )
     return ProjectPage(name=project, files=tuple(files))
+
+
+def _fragment_hashes(fragment: str) -> dict[str, str]:
+    """`<algo>=<hex>` of a PEP 503 URL fragment (or a PEP 714 attribute; "true"
+    gives {}); pip reads `&`-separated pairs, so they are accepted too."""
+    hashes: dict[str, str] = {}
+    for pair in fragment.split("&"):
+        algo, sep, value = pair.partition("=")
+        algo = algo.lower()
+        digest = hex_digest(algo, value) if sep else None
+        if digest is not None:
+            hashes.setdefault(algo, digest)
+    return hashes
 
 
 def parse_root_names(names: Iterable[str]) -> list[NormalizedName]:

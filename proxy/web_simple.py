@@ -33,6 +33,19 @@ _VARY = "Accept, Accept-Encoding"
 # a newly reserved name is seen at once by clients with an HTTP cache.
 _PAGE_CACHE_CONTROL = "max-age=0, must-revalidate"
 _FILE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+# Pages carry upstream text (escaped, but a second wall costs nothing): no
+# script, style, frame, form or base URL may run or load from them; pip and uv
+# only read the links. nosniff keeps a browser from reading JSON as HTML.
+_NOSNIFF = {"X-Content-Type-Options": "nosniff"}
+_HTML_HEADERS = {
+    **_NOSNIFF,
+    "Content-Security-Policy":
+        "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+}
+
+
+def _page_headers(content_type: str) -> dict[str, str]:
+    return _HTML_HEADERS if "html" in content_type else _NOSNIFF
 
 
 def _client(request: web.Request) -> str:
@@ -49,7 +62,8 @@ def _etag_matches(request: web.Request, etags: tuple[str, ...]) -> bool:
 
 def respond_page(request: web.Request, page: Rendered) -> web.Response:
     gz_etag = page.etag[:-1] + '-gz"'
-    headers = {"Vary": _VARY, "Cache-Control": _PAGE_CACHE_CONTROL}
+    headers = {"Vary": _VARY, "Cache-Control": _PAGE_CACHE_CONTROL,
+               **_page_headers(page.content_type)}
     use_gzip = page.gzipped is not None and "gzip" in request.headers.get("Accept-Encoding", "")
     etag = gz_etag if use_gzip else page.etag
     headers["ETag"] = etag
@@ -93,7 +107,7 @@ async def root(request: web.Request) -> web.StreamResponse:
     body = render_root_json(names) if fmt == "json" else render_root_html(names)
     return web.Response(body=body, headers={
         "Content-Type": f"{ctype}; charset=utf-8" if fmt == "html" else ctype,
-        "Vary": _VARY, "Cache-Control": _PAGE_CACHE_CONTROL,
+        "Vary": _VARY, "Cache-Control": _PAGE_CACHE_CONTROL, **_page_headers(ctype),
     })
 
 
