@@ -22,7 +22,7 @@ from packaging.version import Version
 
 from .config import Config
 from .dists import DistFile, normalize_name, parse_dist_filename, parse_version
-from .errors import BadRequest, Forbidden, TooLarge
+from .errors import BadRequest, Forbidden, ServiceUnavailable, TooLarge
 from .fsutil import fsync_file, raise_if_full, temp_path, write_and_hash
 from .guard import matches_any
 from .metrics import Metrics
@@ -183,7 +183,7 @@ def upload_time_now() -> str:
 class Publisher:
     def __init__(
         self, store: PrivateStore, metrics: Metrics,
-        upstream_has: Callable[[NormalizedName, Config], Awaitable[bool]],
+        upstream_has: Callable[[NormalizedName, Config], Awaitable[bool | None]],
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -223,7 +223,8 @@ class Publisher:
     async def publish(self, form: UploadForm, spooled: Spooled, config: Config) -> AddOutcome:
         """Validate and store. The spooled file is consumed either way.
 
-        Raises BadRequest, FileExists, Forbidden (collision policy), InsufficientStorage.
+        Raises BadRequest, FileExists, Forbidden (collision policy), ServiceUnavailable
+        (policy reject and upstream cannot say), InsufficientStorage.
         """
         try:
             name, version = check_form_header(form)
@@ -262,7 +263,19 @@ class Publisher:
             or not config.upstream.forward
         ):
             return
-        if not await self._upstream_has(name, config):
+        exists = await self._upstream_has(name, config)
+        if exists is None:
+            # Fail closed: under reject, an unchecked name could shadow a public one.
+            if policy == "reject":
+                raise ServiceUnavailable(
+                    f"Cannot check whether {name} exists on the upstream index (upstream "
+                    "unavailable); upload refused under guard.upload_collision: reject. "
+                    "Try again later"
+                )
+            log.warning("upload not checked for collision: upstream unavailable",
+                        extra={"project": name})
+            return
+        if not exists:
             return
         if policy == "reject":
             self.metrics.upload_collisions.labels("rejected").inc()
