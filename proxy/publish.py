@@ -37,7 +37,10 @@ from .store import AddOutcome, PrivateStore
 log = logging.getLogger("indexguard.publish")
 
 MAX_FIELD_BYTES = 1 * 2**20  # a long README description fits; a 10 MB field does not
+# Parts of one upload, named or not: each one costs a turn of the read loop.
 MAX_FIELDS = 1000
+# All text fields together: 1000 fields of 1 MiB each would otherwise be held at once.
+MAX_FORM_BYTES = 8 * 2**20
 CHUNK = 256 * 1024
 _FILETYPES = {"wheel": "bdist_wheel", "sdist": "sdist"}
 
@@ -48,12 +51,19 @@ class UploadForm:
 
     fields: dict[str, list[str]] = field(default_factory=dict)
     count: int = 0
+    size: int = 0
 
-    def add(self, name: str, value: str) -> None:
+    def count_part(self) -> None:
+        """Called for every multipart part, the file and unnamed ones included."""
         self.count += 1
         if self.count > MAX_FIELDS:
-            raise BadRequest(f"Too many form fields (more than {MAX_FIELDS})")
-        self.fields.setdefault(name, []).append(value)
+            raise BadRequest(f"Too many form fields (more than {MAX_FIELDS} parts)")
+
+    def add(self, name: str, raw: bytes) -> None:
+        self.size += len(name) + len(raw)
+        if self.size > MAX_FORM_BYTES:
+            raise BadRequest(f"Form fields larger than {MAX_FORM_BYTES} bytes in all")
+        self.fields.setdefault(name, []).append(raw.decode("utf-8", errors="replace"))
 
     def get(self, name: str) -> str | None:
         values = self.fields.get(name)
