@@ -103,7 +103,10 @@ def check_core_metadata(raw: bytes, dist: DistFile, member: str) -> CoreMetadata
 # --- zip (wheels and .zip sdists) ------------------------------------------------------
 
 def _check_zip_directory(fh: BinaryIO, filename: str) -> None:
-    """Bound the central directory from its end record, before zipfile reads it."""
+    """Bound the central directory from its end record, before zipfile reads it.
+
+    Raises BadZipFile for a broken archive, BadRequest past a bound.
+    """
     size = fh.seek(0, os.SEEK_END)
     tail_len = min(size, 22 + 0xFFFF)
     fh.seek(size - tail_len)
@@ -111,7 +114,7 @@ def _check_zip_directory(fh: BinaryIO, filename: str) -> None:
     # Where zipfile looks: no comment first, else the last signature.
     at = tail_len - 22 if tail[-22:-18] == b"PK\x05\x06" else tail.rfind(b"PK\x05\x06")
     if at < 0 or len(tail) - at < 22:
-        raise BadRequest(f"{filename} is not a valid zip archive (no end record)")
+        raise zipfile.BadZipFile("no end of central directory record")
     entries, cd_size = struct.unpack_from("<HI", tail, at + 10)
     if at >= 20 and tail[at - 20: at - 16] == b"PK\x06\x07":
         # Just before its locator, where zipfile looks (the locator's offset is
@@ -119,7 +122,7 @@ def _check_zip_directory(fh: BinaryIO, filename: str) -> None:
         fh.seek(max(0, size - tail_len + at - 20 - 56))
         record = fh.read(56)
         if record[:4] != b"PK\x06\x06":
-            raise BadRequest(f"{filename} is not a valid zip archive (zip64 end record)")
+            raise zipfile.BadZipFile("no zip64 end of central directory record")
         entries, cd_size = struct.unpack_from("<QQ", record, 32)
     if entries > MAX_MEMBERS:
         raise BadRequest(f"{filename} has more than {MAX_MEMBERS} members")
