@@ -284,94 +284,103 @@ def _pax_records(data: bytes, filename: str) -> dict[str, str]:
 
 _REGULAR = (b"0", b"\0", b"7")
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos
+_EXTENDED = (b"x", b"X", b"g", b"L", b"K")  # pax (local, Solaris, global), GNU long names
+
+
+@dataclass(frozen=True, slots=True)
+class _TarHeader:
+    kind: bytes
+    size: int
+    name: str
+
+
+def _tar_header(block: bytes, filename: str) -> _TarHeader:
+    """One 512-byte ustar/GNU header, read the way tarfile reads it."""
+    stored = _tar_number(block[148:156], filename)
+    unsigned = 256 + sum(block[:148]) + sum(block[156:])
+    # Some tars sum signed chars (tarfile accepts both).
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
+    if stored not in (unsigned, signed):
+        raise BadRequest(f"{filename} is not a valid tar.gz (bad header checksum)")
+    kind, name = block[156:157], _tar_text(block[0:100])
+    if kind == b"\0" and name.endswith("/"):
+        kind = b"5"  # a v7 directory
+    if kind == b"5":
+        name = name.rstrip("/")
+    prefix = _tar_text(block[345:500])
+    if prefix and kind not in _EXTENDED:
+        name = prefix + "/" + name
+    return _TarHeader(kind, _tar_number(block[124:136], filename), name)
+
+
+def _extended(header: _TarHeader, data: bytes, filename: str) -> dict[str, str]:
+    """What an extended header says about the next member: {"path", "size"}."""
+    if header.kind == b"L":
+        return {"path": _tar_text(data)}
+    if header.kind == b"K":
+        return {}
+    records = _pax_records(data, filename)
+    if any(k.startswith("GNU.sparse") for k in records) or (
+        header.kind == b"g" and ("path" in records or "size" in records)
+    ):
+        raise BadRequest(f"{filename}: unsupported pax header in the sdist")
+    return {} if header.kind == b"g" else records
 
 
 def _read_tar_sdist(path: Path, dist: DistFile) -> bytes:
-    """Walk the tar headers in the gzip stream; tarfile itself reads pax, GNU
-    long-name and sparse headers into memory with no bound, so it never sees
-    hostile bytes."""
-    name_of = dist.filename
+    """Walk the tar headers in the gzip stream. tarfile reads pax, GNU long-name
+    and sparse headers into memory with no bound, so it never sees these bytes."""
+    filename = dist.filename
+    top: str | None = None
+    pkg_info: bytes | None = None
+    nxt: dict[str, str] = {}  # from extended headers, for the next member
+    members = extended = 0
     with open(path, "rb") as fh:
-        src = _Inflater(fh, name_of)
-        top: str | None = None
-        pkg_info: bytes | None = None
-        long_name: str | None = None
-        pax: dict[str, str] = {}
-        members = extended = 0
-        while True:
-            header = src.read(512)
-            if not header or header == bytes(512):
-                break  # end of archive (tarfile stops at the first zero block too)
-            stored = _tar_number(header[148:156], name_of)
-            unsigned = 256 + sum(header[:148]) + sum(header[156:])
-            signed = unsigned - 256 * sum(1 for b in header[:148] + header[156:] if b > 127)
-            if stored not in (unsigned, signed):
-                raise BadRequest(f"{name_of} is not a valid tar.gz (bad header checksum)")
-            kind = header[156:157]
-            size = _tar_number(header[124:136], name_of)
-            if size < 0:
-                raise BadRequest(f"{name_of}: invalid tar header")
-            if kind in (b"x", b"g", b"X", b"L", b"K"):
+        src = _Inflater(fh, filename)
+        while (block := src.read(512)) and block != bytes(512):  # tarfile stops there too
+            header = _tar_header(block, filename)
+            if header.kind in _EXTENDED:
                 extended += 1
                 if extended > MAX_MEMBERS:
-                    raise BadRequest(f"{name_of} has more than {MAX_MEMBERS} extended headers")
-                if size > MAX_TAR_HEADER_DATA:
-                    raise BadRequest(f"{name_of}: tar extended header larger than "
+                    raise BadRequest(f"{filename} has more than {MAX_MEMBERS} extended headers")
+                if not 0 <= header.size <= MAX_TAR_HEADER_DATA:
+                    raise BadRequest(f"{filename}: tar extended header larger than "
                                      f"{MAX_TAR_HEADER_DATA} bytes")
-                data = src.read_exact(_blocks(size))[:size]
-                if kind == b"L":
-                    long_name = _tar_text(data)
-                elif kind in (b"x", b"X", b"g"):
-                    records = _pax_records(data, name_of)
-                    if any(k.startswith("GNU.sparse") for k in records) or (
-                        kind == b"g" and ("path" in records or "size" in records)
-                    ):
-                        raise BadRequest(f"{name_of}: unsupported pax header in the sdist")
-                    if kind != b"g":
-                        pax = records
+                data = src.read_exact(_blocks(header.size))[: header.size]
+                nxt = {**nxt, **_extended(header, data, filename)}
                 continue
-            if kind == b"S":
-                raise BadRequest(f"{name_of}: sparse files are not accepted in an sdist")
+            if header.kind == b"S":
+                raise BadRequest(f"{filename}: sparse files are not accepted in an sdist")
             members += 1
             if members > MAX_MEMBERS:
-                raise BadRequest(f"{name_of} has more than {MAX_MEMBERS} members")
-            name = _tar_text(header[0:100])
-            prefix = _tar_text(header[345:500])
-            if kind == b"\0" and name.endswith("/"):
-                kind = b"5"  # a v7 directory
-            if kind == b"5":
-                name = name.rstrip("/")
-            if prefix:
-                name = prefix + "/" + name
-            name = pax.get("path", long_name if long_name is not None else name)
-            if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
-                    raise BadRequest(f"{name_of}: malformed pax header") from None
-            long_name, pax = None, {}
+                raise BadRequest(f"{filename} has more than {MAX_MEMBERS} members")
+            name = nxt.get("path", header.name)
+            try:
+                size = int(nxt.get("size", header.size))
+            except ValueError:
+                size = -1
+            nxt = {}
+            if size < 0:
+                raise BadRequest(f"{filename}: invalid tar header (size)")
             first = name.split("/")[0]
-            top = first if top is None else top
-            if first != top:
-                _single_top({top, first}, name_of)
-            if kind in _NO_DATA:
+            top = _single_top({top or first, first}, filename)
+            if header.kind in _NO_DATA:
                 continue
-            if kind in _REGULAR and name == f"{top}/PKG-INFO":
+            if header.kind in _REGULAR and name == f"{top}/PKG-INFO":
                 if size > MAX_METADATA_BYTES:
                     raise BadRequest(
-                        f"{name_of}: PKG-INFO is larger than {MAX_METADATA_BYTES} bytes"
+                        f"{filename}: PKG-INFO is larger than {MAX_METADATA_BYTES} bytes"
                     )
                 # Extraction keeps the last member of a name: so does this.
                 pkg_info = src.read_exact(size)
                 src.skip(_blocks(size) - size)
             else:
                 src.skip(_blocks(size))
-        if top is None:
-            raise BadRequest(f"{name_of} is an empty archive")
-        _single_top({top}, name_of)
-        if pkg_info is None:
-            raise BadRequest(f"{name_of} has no {top}/PKG-INFO regular file")
-        return pkg_info
+    if top is None:
+        raise BadRequest(f"{filename} is an empty archive")
+    if pkg_info is None:
+        raise BadRequest(f"{filename} has no {top}/PKG-INFO regular file")
+    return pkg_info
 
 
 def read_sdist_metadata(path: Path, dist: DistFile) -> CoreMetadata:

@@ -401,6 +401,8 @@ def _bad_sdists(root: Path) -> list[tuple[str, Path, str]]:
     tgz("huge-gnu-long-name", [(f"{top}/" + "n" * (4 * 2**20), b"", _REG),
                                (f"{top}/PKG-INFO", _pkg_info(), _REG)],
         "extended header larger", fmt=tarfile.GNU_FORMAT)
+    tgz("negative-pax-size", [(f"{top}/PKG-INFO", _pkg_info(), _REG)],
+        "invalid tar header", pax={"size": "-5"})
     zips = root / "zip"
     cases.append(("zip-bzip2", _zip_sdist(zips / "bz" / f"{top}.zip",
                                           [(f"{top}/PKG-INFO", _pkg_info())],
