@@ -16,6 +16,7 @@ from packaging.utils import (
     InvalidWheelFilename,
     NormalizedName,
     canonicalize_name,
+    canonicalize_version,
     parse_sdist_filename,
     parse_wheel_filename,
 )
@@ -104,6 +105,33 @@ def parse_dist_filename(filename: str) -> DistFile:
     except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion) as exc:
         raise BadRequest(f"Invalid distribution filename {filename[:100]!r}: {exc}") from None
     raise BadRequest(f"Invalid distribution filename {filename[:100]!r}: not a wheel or sdist")
+
+
+def file_key(filename: str) -> str:
+    """The identity installers give a distribution file, for "is it already there".
+
+    Filenames that differ only in spelling are one file to pip and uv (PEP 503
+    names, PEP 440 versions, PEP 425 compressed tag sets), so a second spelling
+    must not slip a second set of bytes in beside the first. Sdists key on the
+    release alone: one sdist per release, .tar.gz or .zip (as on PyPI).
+    A filename that does not parse keys as itself.
+    """
+    try:
+        if filename.endswith(".whl"):
+            name, version, build, tags = parse_wheel_filename(filename)
+            # A tag set is the product of its three parts, so this spells it once.
+            parts = (
+                ".".join(sorted({getattr(t, a) for t in tags}))
+                for a in ("interpreter", "abi", "platform")
+            )
+            build_tag = f"-{build[0]}{build[1]}" if build else ""
+            return f"{name}-{canonicalize_version(version)}{build_tag}-{'-'.join(parts)}.whl"
+        if filename.endswith((".tar.gz", ".zip")):
+            name, version = parse_sdist_filename(filename)
+            return f"{name}-{canonicalize_version(version)}.sdist"
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+        pass
+    return filename
 
 
 def guess_version(filename: str, project: NormalizedName) -> str | None:

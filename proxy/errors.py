@@ -12,6 +12,7 @@
     |   +-- TooLarge (413)             upload over limits.max_upload
     |   +-- TooManyRequests (429)      auth failures rate-limited
     +-- UpstreamUnavailable (502)      upstream down, timing out or broken, nothing stale to serve
+    +-- ServiceUnavailable (503)       a check the request needs cannot be made now (fail closed)
     +-- InsufficientStorage (507)      the disk is full
 
 Reasons end up in the HTTP reason phrase (twine prints only that), so they are
@@ -88,6 +89,13 @@ class TooManyRequests(ClientError):
 class UpstreamUnavailable(ProxyError):
     status = 502
     reason = "Upstream index unavailable"
+
+
+class ServiceUnavailable(ProxyError):
+    """Refused because a check it depends on cannot be made now; retrying later may pass."""
+
+    status = 503
+    reason = "Service temporarily unavailable; try again later"
 
 
 class InsufficientStorage(ProxyError):

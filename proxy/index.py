@@ -178,9 +178,9 @@ class Index:
         if await self.upstream_has(name, config):
             self._record_collision(name, rule)
 
-    async def upstream_has(self, name: NormalizedName, config: Config) -> bool:
-        """Whether upstream lists the name: remembered for index_ttl; an upstream
-        that cannot answer counts as "no" and is asked again next time."""
+    async def upstream_has(self, name: NormalizedName, config: Config) -> bool | None:
+        """Whether upstream lists the name: remembered for index_ttl. None when
+        the upstream cannot answer now (not remembered: asked again next time)."""
         known = self.ledger.upstream_has(name, config.upstream.index_ttl)
         if known is not None:
             return known
@@ -188,7 +188,7 @@ class Index:
             upstream_page_url(config.upstream.url, name), config.upstream.timeout
         )
         if resp.outcome == "unavailable":
-            return False
+            return None
         exists = resp.outcome in ("ok", "not_modified")
         self.ledger.remember(name, exists)
         return exists

@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import email.parser
 import hashlib
 import hmac
 import logging
-import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packaging.utils import NormalizedName, canonicalize_name
+from packaging.utils import NormalizedName
 from packaging.version import Version
 
 from .config import Config
+from .distcheck import (
+    METADATA_VERSIONS,
+    CoreMetadata,
+    parse_requires_python,
+    read_sdist_metadata,
+    read_wheel_metadata,
+)
 from .dists import DistFile, normalize_name, parse_dist_filename, parse_version
-from .errors import BadRequest, Forbidden, TooLarge
+from .errors import BadRequest, Forbidden, ServiceUnavailable, TooLarge
 from .fsutil import fsync_file, raise_if_full, temp_path, write_and_hash
 from .guard import matches_any
 from .metrics import Metrics
@@ -31,11 +36,11 @@ from .store import AddOutcome, PrivateStore
 
 log = logging.getLogger("indexguard.publish")
 
-# Core metadata versions accepted (GitLab rejected 2.4 for a while; PyPI takes all).
-METADATA_VERSIONS = frozenset({"1.0", "1.1", "1.2", "2.0", "2.1", "2.2", "2.3", "2.4", "2.5"})
 MAX_FIELD_BYTES = 1 * 2**20  # a long README description fits; a 10 MB field does not
+# Parts of one upload, named or not: each one costs a turn of the read loop.
 MAX_FIELDS = 1000
-MAX_METADATA_BYTES = 16 * 2**20
+# All text fields together: 1000 fields of 1 MiB each would otherwise be held at once.
+MAX_FORM_BYTES = 8 * 2**20
 CHUNK = 256 * 1024
 _FILETYPES = {"wheel": "bdist_wheel", "sdist": "sdist"}
 
@@ -46,12 +51,19 @@ class UploadForm:
 
     fields: dict[str, list[str]] = field(default_factory=dict)
     count: int = 0
+    size: int = 0
 
-    def add(self, name: str, value: str) -> None:
+    def count_part(self) -> None:
+        """Called for every multipart part, the file and unnamed ones included."""
         self.count += 1
         if self.count > MAX_FIELDS:
-            raise BadRequest(f"Too many form fields (more than {MAX_FIELDS})")
-        self.fields.setdefault(name, []).append(value)
+            raise BadRequest(f"Too many form fields (more than {MAX_FIELDS} parts)")
+
+    def add(self, name: str, raw: bytes) -> None:
+        self.size += len(name) + len(raw)
+        if self.size > MAX_FORM_BYTES:
+            raise BadRequest(f"Form fields larger than {MAX_FORM_BYTES} bytes in all")
+        self.fields.setdefault(name, []).append(raw.decode("utf-8", errors="replace"))
 
     def get(self, name: str) -> str | None:
         values = self.fields.get(name)
@@ -89,6 +101,9 @@ def check_form_header(form: UploadForm) -> tuple[NormalizedName, Version]:
         raise BadRequest(
             f"Unsupported metadata_version {mv[:10]!r}; accepted: 1.0 to 2.5"
         )
+    rp = form.get("requires_python")
+    if rp is not None and rp.strip():
+        parse_requires_python(rp, "form field requires_python")
     return name, version
 
 
@@ -130,50 +145,19 @@ def check_digests(form: UploadForm, spooled: Spooled) -> None:
             raise BadRequest(f"The {key} does not match the uploaded file's contents")
 
 
-def read_wheel_metadata(path: Path, dist: DistFile) -> bytes:
-    """The wheel's .dist-info/METADATA, checked against its filename. Blocking.
-
-    Raises BadRequest for a corrupt wheel or one whose METADATA disagrees.
-    """
-    try:
-        with zipfile.ZipFile(path) as zf:
-            candidates = [
-                n for n in zf.namelist()
-                if n.count("/") == 1 and n.endswith(".dist-info/METADATA")
-            ]
-            matching = [
-                n for n in candidates
-                if canonicalize_name(n.split("/")[0][: -len(".dist-info")].rpartition("-")[0])
-                == dist.name
-            ]
-            if len(matching) != 1:
-                raise BadRequest(f"{dist.filename} has no single {dist.name} .dist-info/METADATA")
-            info = zf.getinfo(matching[0])
-            if info.file_size > MAX_METADATA_BYTES:
-                raise BadRequest(f"{dist.filename}: METADATA is too large")
-            data = zf.read(info)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, KeyError) as exc:
-        raise BadRequest(f"{dist.filename} is not a valid wheel: {type(exc).__name__}") from None
-    meta = email.parser.BytesParser().parsebytes(data, headersonly=True)
-    meta_name, meta_version = meta.get("Name"), meta.get("Version")
-    if not meta_name or canonicalize_name(str(meta_name)) != dist.name:
-        raise BadRequest(f"{dist.filename}: METADATA names {meta_name!r}, not {dist.name}")
-    if not meta_version or parse_version(str(meta_version)) != dist.version:
-        raise BadRequest(f"{dist.filename}: METADATA version {meta_version!r} != {dist.version}")
-    mv = meta.get("Metadata-Version")
-    if mv is not None and str(mv).strip() not in METADATA_VERSIONS:
-        raise BadRequest(f"{dist.filename}: unsupported Metadata-Version {mv!r}")
-    return data
-
-
-def requires_python_of(metadata: bytes | None, form: UploadForm) -> str | None:
-    if metadata is not None:
-        meta = email.parser.BytesParser().parsebytes(metadata, headersonly=True)
-        value = meta.get("Requires-Python")
-        if value:
-            return str(value).strip()
+def requires_python_of(metadata: CoreMetadata, form: UploadForm) -> str | None:
+    """The archive's own Requires-Python wins over the form's (both checked valid)."""
+    if metadata.requires_python is not None:
+        return metadata.requires_python
     value = form.get("requires_python")
     return value.strip() if value and value.strip() else None
+
+
+def read_metadata(path: Path, dist: DistFile) -> CoreMetadata:
+    """METADATA of a wheel or PKG-INFO of an sdist, checked. Blocking."""
+    if dist.kind == "wheel":
+        return read_wheel_metadata(path, dist)
+    return read_sdist_metadata(path, dist)
 
 
 def upload_time_now() -> str:
@@ -183,7 +167,7 @@ def upload_time_now() -> str:
 class Publisher:
     def __init__(
         self, store: PrivateStore, metrics: Metrics,
-        upstream_has: Callable[[NormalizedName, Config], Awaitable[bool]],
+        upstream_has: Callable[[NormalizedName, Config], Awaitable[bool | None]],
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -223,27 +207,28 @@ class Publisher:
     async def publish(self, form: UploadForm, spooled: Spooled, config: Config) -> AddOutcome:
         """Validate and store. The spooled file is consumed either way.
 
-        Raises BadRequest, FileExists, Forbidden (collision policy), InsufficientStorage.
+        Raises BadRequest, FileExists, Forbidden (collision policy), ServiceUnavailable
+        (policy reject and upstream cannot say), InsufficientStorage.
         """
         try:
             name, version = check_form_header(form)
             dist = check_file(form, spooled, name, version)
             check_digests(form, spooled)
-            metadata = None
-            if dist.kind == "wheel":
-                metadata = await asyncio.to_thread(read_wheel_metadata, spooled.path, dist)
+            metadata = await asyncio.to_thread(read_metadata, spooled.path, dist)
             await self._check_collision(name, config)
+            # PEP 658 metadata is served for wheels only (PKG-INFO may be dynamic).
+            served = metadata.raw if dist.kind == "wheel" else None
             entry = FileEntry(
                 filename=dist.filename,
                 hashes={"sha256": spooled.sha256},
                 requires_python=requires_python_of(metadata, form),
                 metadata_hashes=(
-                    {"sha256": hashlib.sha256(metadata).hexdigest()} if metadata else None
+                    {"sha256": hashlib.sha256(served).hexdigest()} if served else None
                 ),
                 size=spooled.size,
                 upload_time=upload_time_now(),
             )
-            outcome = await self.store.add(name, entry, spooled.path, metadata)
+            outcome = await self.store.add(name, entry, spooled.path, served)
         except BaseException:
             await asyncio.to_thread(spooled.path.unlink, True)
             raise
@@ -262,7 +247,19 @@ class Publisher:
             or not config.upstream.forward
         ):
             return
-        if not await self._upstream_has(name, config):
+        exists = await self._upstream_has(name, config)
+        if exists is None:
+            # Fail closed: under reject, an unchecked name could shadow a public one.
+            if policy == "reject":
+                raise ServiceUnavailable(
+                    f"Cannot check whether {name} exists on the upstream index (upstream "
+                    "unavailable); upload refused under guard.upload_collision: reject. "
+                    "Try again later"
+                )
+            log.warning("upload not checked for collision: upstream unavailable",
+                        extra={"project": name})
+            return
+        if not exists:
             return
         if policy == "reject":
             self.metrics.upload_collisions.labels("rejected").inc()

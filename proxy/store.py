@@ -1,7 +1,9 @@
 """The private store: published files, their metadata, and reserved names.
 
 Layout under <data_dir>/private/<normalized name>/:
-    index.json        the project's files (the source of truth; replaced atomically)
+    index.json        the project's files (the source of truth; replaced atomically),
+                      and "used": every file key (dists.file_key) ever stored with its
+                      sha256, so a file name never comes back with other bytes
     files/<filename>  and files/<filename>.metadata (PEP 658)
     .lock             flock target: serializes writers across worker processes
 A project directory with an index.json is private, even with no files left: a
@@ -26,13 +28,15 @@ from typing import Literal
 import orjson
 from packaging.utils import NormalizedName
 
-from .dists import guess_version
+from .dists import file_key, guess_version
 from .errors import BadRequest, FileExists, NotFound
 from .fsutil import commit, commit_new, fsync_dir, safe_join, sweep_temp, write_atomic
 from .generation import Generation
 from .model import FileEntry, ProjectPage
 
 AddOutcome = Literal["stored", "duplicate"]
+# file key -> sha256 of the bytes first stored under it
+Used = dict[str, str]
 _INDEX = "index.json"
 _GENERATION = ".generation"
 # Names whose private-or-not answer is remembered between store changes.
@@ -146,11 +150,20 @@ class PrivateStore:
         return page
 
     def _read_index(self, name: NormalizedName) -> ProjectPage | None:
+        return self._read_record(name)[0]
+
+    def _read_record(self, name: NormalizedName) -> tuple[ProjectPage | None, Used]:
+        """The page and the used-file record (absent before this record existed)."""
         try:
             data = orjson.loads((self.root / name / _INDEX).read_bytes())
         except FileNotFoundError:
-            return None
-        return ProjectPage.from_json(data)
+            return None, {}
+        raw = data.get("used")
+        used = (
+            {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+            if isinstance(raw, dict) else {}
+        )
+        return ProjectPage.from_json(data), used
 
     async def names(self) -> list[NormalizedName]:
         """Every private (or reserved-by-history) project name, sorted."""
@@ -180,8 +193,10 @@ class PrivateStore:
     ) -> AddOutcome:
         """Commit an uploaded file (content is a fsynced temp file, consumed here).
 
-        Same name with identical sha256 -> "duplicate" (a no-op, PyPI's contract).
-        Raises FileExists when the name is taken by different bytes.
+        Filenames are compared by dists.file_key (normalized name, version and
+        tags): the same key with identical sha256 -> "duplicate" (a no-op, PyPI's
+        contract). Raises FileExists when the key is, or ever was, taken by
+        different bytes; a deleted file may come back only with its own bytes.
         """
         return await asyncio.to_thread(self._add, name, entry, content, metadata)
 
@@ -191,16 +206,12 @@ class PrivateStore:
         pdir = self._project_dir(name)
         try:
             with self._locked(pdir):
-                known = self._read_index(name)
+                known, used = self._read_record(name)
                 page = known or ProjectPage(name=name, files=())
-                existing = page.file(entry.filename)
-                if existing is not None:
-                    if existing.sha256 == entry.sha256:
-                        return "duplicate"
-                    raise FileExists(
-                        f"File already exists: {entry.filename} was uploaded before with "
-                        "different contents; bump the version instead"
-                    )
+                key = file_key(entry.filename)
+                if self._is_duplicate(page, used, key, entry):
+                    return "duplicate"
+                used = {**used, key: used.get(key) or entry.sha256 or ""}
                 final = self.file_path(name, entry.filename)
                 meta_path = final.with_name(final.name + ".metadata")
                 try:
@@ -210,7 +221,9 @@ class PrivateStore:
                         # A file with no index entry is a leftover of a crash between
                         # the file commit and the index commit: the index is the truth.
                         commit(content, final)
-                    self._write_index(replace(page, files=(*page.files, entry), versions=()))
+                    self._write_index(
+                        replace(page, files=(*page.files, entry), versions=()), used
+                    )
                 except BaseException:
                     # Not listed, so not visible: remove it rather than leave an
                     # orphan (the name was checked free above, under the lock).
@@ -225,7 +238,32 @@ class PrivateStore:
         finally:
             content.unlink(missing_ok=True)
 
-    def _write_index(self, page: ProjectPage) -> None:
+    @staticmethod
+    def _is_duplicate(page: ProjectPage, used: Used, key: str, entry: FileEntry) -> bool:
+        """True for the same bytes under the same key (a no-op).
+
+        Raises FileExists for other bytes under a key listed now or used before.
+        """
+        for f in page.files:
+            if file_key(f.filename) != key:
+                continue
+            if f.sha256 == entry.sha256:
+                return True
+            raise FileExists(
+                f"File already exists: {entry.filename} is the same file as {f.filename} "
+                "to installers, uploaded before with different contents; bump the version "
+                "instead"
+            )
+        if used.get(key, entry.sha256) != entry.sha256:
+            raise FileExists(
+                f"File already exists: {entry.filename} was published before (and since "
+                "deleted) with different contents; a file name never comes back with other "
+                "bytes: bump the version instead"
+            )
+        return False
+
+    def _write_index(self, page: ProjectPage, used: Used) -> None:
+        """Page and used-file record in one atomic write: neither is ever ahead."""
         pdir = self._project_dir(page.name)
         versions: dict[str, None] = {}
         for f in page.files:
@@ -233,7 +271,8 @@ class PrivateStore:
             if v is not None:
                 versions[v] = None
         page = replace(page, versions=tuple(versions))
-        write_atomic(pdir / _INDEX, orjson.dumps(page.to_json()), self.tmp_dir)
+        data = {**page.to_json(), "used": used}
+        write_atomic(pdir / _INDEX, orjson.dumps(data), self.tmp_dir)
 
     @contextmanager
     def _locked(self, pdir: Path) -> Iterator[None]:
@@ -263,14 +302,15 @@ class PrivateStore:
         if not self._has_index(name):
             raise NotFound(f"No private project {name}")
         with self._locked(self._project_dir(name)):
-            page = self._read_index(name) or ProjectPage(name=name, files=())
+            known, used = self._read_record(name)
+            page = known or ProjectPage(name=name, files=())
             hits = [f for f in page.files if guess_version(f.filename, name) == version]
             if not hits:
                 raise NotFound(f"No files for {name} {version}")
             files = tuple(
                 f.with_yank(yanked) if f in hits else f for f in page.files
             )
-            self._write_index(replace(page, files=files))
+            self._write_index(replace(page, files=files), used)
             return len(hits)
 
     async def delete(self, name: NormalizedName, filename: str) -> None:
@@ -281,12 +321,19 @@ class PrivateStore:
         if not self._has_index(name):
             raise NotFound(f"No private project {name}")
         with self._locked(self._project_dir(name)):
-            page = self._read_index(name) or ProjectPage(name=name, files=())
-            if page.file(filename) is None:
+            known, used = self._read_record(name)
+            page = known or ProjectPage(name=name, files=())
+            gone = page.file(filename)
+            if gone is None:
                 raise NotFound(f"No file {filename} in {name}")
+            # Remembered even when stored before the record existed: the name
+            # stays bound to these bytes after the file is gone.
+            key = file_key(filename)
+            used = {**used, key: used.get(key) or gone.sha256 or ""}
             # Index first: once it is committed the file is gone for readers.
             self._write_index(
-                replace(page, files=tuple(f for f in page.files if f.filename != filename))
+                replace(page, files=tuple(f for f in page.files if f.filename != filename)),
+                used,
             )
             path = self.file_path(name, filename)
             path.with_name(path.name + ".metadata").unlink(missing_ok=True)

@@ -44,7 +44,7 @@ async def _part_chunks(part: BodyPartReader, idle: float) -> AsyncIterator[bytes
         yield chunk
 
 
-async def _read_field(part: BodyPartReader, idle: float) -> str:
+async def _read_field(part: BodyPartReader, idle: float) -> bytes:
     buf = bytearray()
     while True:
         chunk = await _within(idle, part.read_chunk(64 * 1024))
@@ -53,7 +53,7 @@ async def _read_field(part: BodyPartReader, idle: float) -> str:
         buf += chunk
         if len(buf) > MAX_FIELD_BYTES:
             raise BadRequest(f"Form field {part.name!r} is larger than {MAX_FIELD_BYTES} bytes")
-    return buf.decode("utf-8", errors="replace")
+    return bytes(buf)
 
 
 async def _read_form(
@@ -73,6 +73,7 @@ async def _read_form(
                 break
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("Nested multipart bodies are not accepted")
+            form.count_part()
             if part.name == "content":
                 if spooled is not None:
                     raise BadRequest("More than one file in one upload")

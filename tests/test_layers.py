@@ -11,7 +11,7 @@ ORDER = [
     "__main__", "cli", "app", "web_simple", "web_upload", "web_admin", "web_ops", "state",
     "logs", "index", "publish", "guard", "auth", "cache", "pagecache", "follow", "sink",
     "download", "upstream", "metrics", "store", "generation", "hashlock", "fsutil", "config",
-    "simple_api", "dists", "model", "errors",
+    "simple_api", "distcheck", "dists", "model", "errors",
 ]
 WEB_ALLOWED = {"cli", "app", "state", "logs", "web_simple", "web_upload", "web_admin", "web_ops"}
 
