@@ -26,7 +26,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from .dists import DistFile
-from .errors import BadRequest
+from .errors import BadRequest, quoted
 
 # Core metadata versions accepted (GitLab rejected 2.4 for a while; PyPI takes all).
 METADATA_VERSIONS = frozenset({"1.0", "1.1", "1.2", "2.0", "2.1", "2.2", "2.3", "2.4", "2.5"})
@@ -69,7 +69,7 @@ def parse_requires_python(value: str, where: str) -> str:
         SpecifierSet(value)
     except InvalidSpecifier:
         raise BadRequest(
-            f"{where}: Requires-Python {value[:100]!r} is not a valid version specifier "
+            f"{where}: Requires-Python {quoted(value, 100)} is not a valid version specifier "
             "(PEP 440)"
         ) from None
     return value
@@ -85,16 +85,16 @@ def check_core_metadata(raw: bytes, dist: DistFile, member: str) -> CoreMetadata
     meta = email.parser.Parser().parsestr(head.decode("utf-8", "replace"), headersonly=True)
     name, version = meta.get("Name"), meta.get("Version")
     if not name or canonicalize_name(str(name).strip()) != dist.name:
-        raise BadRequest(f"{where} names {str(name)[:100]!r}, not {dist.name}")
+        raise BadRequest(f"{where} names {quoted(name, 100)}, not {dist.name}")
     try:
         same = version is not None and Version(str(version).strip()) == dist.version
     except InvalidVersion:
         same = False
     if not same:
-        raise BadRequest(f"{where} version {str(version)[:100]!r} != {dist.version}")
+        raise BadRequest(f"{where} version {quoted(version, 100)} != {dist.version}")
     mv = meta.get("Metadata-Version")
     if mv is not None and str(mv).strip() not in METADATA_VERSIONS:
-        raise BadRequest(f"{where}: unsupported Metadata-Version {str(mv)[:20]!r}")
+        raise BadRequest(f"{where}: unsupported Metadata-Version {quoted(mv, 20)}")
     rp = meta.get("Requires-Python")
     requires_python = parse_requires_python(str(rp), where) if rp and str(rp).strip() else None
     return CoreMetadata(raw, requires_python)
@@ -139,11 +139,11 @@ def _check_zip_members(zf: zipfile.ZipFile, filename: str) -> list[zipfile.ZipIn
     for info in infos:
         if info.compress_type not in _ZIP_METHODS:
             raise BadRequest(
-                f"{filename}: member {info.filename[:100]!r} uses zip compression method "
+                f"{filename}: member {quoted(info.filename, 100)} uses zip compression method "
                 f"{info.compress_type}; only stored and deflate are accepted"
             )
         if info.flag_bits & 0x1:
-            raise BadRequest(f"{filename}: member {info.filename[:100]!r} is encrypted")
+            raise BadRequest(f"{filename}: member {quoted(info.filename, 100)} is encrypted")
     return infos
 
 

@@ -22,7 +22,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from .errors import BadRequest
+from .errors import BadRequest, quoted
 
 # Defined in model (the models check digests, and sit below this module);
 # re-exported beside the other validators of what clients and upstreams send.
@@ -50,7 +50,7 @@ def normalize_name(name: str) -> NormalizedName:
     try:
         return canonicalize_name(name, validate=True)
     except InvalidName:
-        raise BadRequest(f"Invalid project name {name[:100]!r}: see PEP 508") from None
+        raise BadRequest(f"Invalid project name {quoted(name, 100)}: see PEP 508") from None
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function asked the same few names over and over
@@ -69,7 +69,7 @@ def parse_version(text: str) -> Version:
     try:
         return Version(text)
     except InvalidVersion:
-        raise BadRequest(f"Invalid version {text[:100]!r}: see PEP 440") from None
+        raise BadRequest(f"Invalid version {quoted(text, 100)}: see PEP 440") from None
 
 
 def is_safe_filename(filename: str) -> bool:
@@ -94,7 +94,7 @@ def parse_dist_filename(filename: str) -> DistFile:
     Raises BadRequest for anything else, including unsafe names.
     """
     if not is_safe_filename(filename):
-        raise BadRequest(f"Invalid distribution filename {filename[:100]!r}")
+        raise BadRequest(f"Invalid distribution filename {quoted(filename, 100)}")
     try:
         if filename.endswith(".whl"):
             name, version, _build, _tags = parse_wheel_filename(filename)
@@ -103,8 +103,18 @@ def parse_dist_filename(filename: str) -> DistFile:
             name, version = parse_sdist_filename(filename)
             return DistFile(filename, name, version, "sdist")
     except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion) as exc:
-        raise BadRequest(f"Invalid distribution filename {filename[:100]!r}: {exc}") from None
-    raise BadRequest(f"Invalid distribution filename {filename[:100]!r}: not a wheel or sdist")
+        raise BadRequest(
+            f"Invalid distribution filename {quoted(filename)}: {_why(exc)}"
+        ) from None
+    raise BadRequest(f"Invalid distribution filename {quoted(filename)}: not a wheel or sdist")
+
+
+def _why(exc: Exception) -> str:
+    # packaging says "Invalid wheel filename (wrong number of parts): 'x.whl'":
+    # the part in parentheses is the reason; the rest repeats the name as a repr.
+    text = str(exc)
+    start, end = text.find("("), text.rfind(")")
+    return text[start + 1 : end] if 0 <= start < end else "invalid version"
 
 
 def file_key(filename: str) -> str:

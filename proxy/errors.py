@@ -28,6 +28,16 @@ def one_line(text: str, limit: int = 300) -> str:
     return cleaned[:limit]
 
 
+def quoted(value: object, limit: int = 100) -> str:
+    """Text a client or upstream sent, as it goes inside a reason: in double
+    quotes, cut at limit, printable ASCII. Not a Python repr: `'x'` or `"it's"`
+    and `\\x00` escapes mean nothing to the person reading twine's output."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return '"' + one_line(text).replace('"', "'") + '"'
+
+
 class ProxyError(Exception):
     status = 500
     reason = "Internal server error"

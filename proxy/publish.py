@@ -27,7 +27,7 @@ from .distcheck import (
     read_wheel_metadata,
 )
 from .dists import DistFile, normalize_name, parse_dist_filename, parse_version
-from .errors import BadRequest, Forbidden, ServiceUnavailable, TooLarge
+from .errors import BadRequest, Forbidden, ServiceUnavailable, TooLarge, quoted
 from .fsutil import fsync_file, raise_if_full, temp_path, write_and_hash
 from .guard import matches_any
 from .metrics import Metrics
@@ -72,7 +72,7 @@ class UploadForm:
     def require(self, name: str) -> str:
         value = self.get(name)
         if value is None or not value.strip():
-            raise BadRequest(f"Missing required form field {name!r}")
+            raise BadRequest(f"Missing required form field {quoted(name)}")
         return value.strip()
 
 
@@ -90,16 +90,16 @@ def check_form_header(form: UploadForm) -> tuple[NormalizedName, Version]:
     """The cheap checks, run before the file's bytes are read where possible."""
     action = form.require(":action")
     if action != "file_upload":
-        raise BadRequest(f"Unsupported :action {action[:40]!r}; only file_upload is accepted")
+        raise BadRequest(f"Unsupported :action {quoted(action, 40)}; only file_upload is accepted")
     protocol = form.get("protocol_version")
     if protocol is not None and protocol.strip() != "1":
-        raise BadRequest(f"Unsupported protocol_version {protocol[:10]!r}")
+        raise BadRequest(f"Unsupported protocol_version {quoted(protocol, 10)}")
     name = normalize_name(form.require("name"))
     version = parse_version(form.require("version"))
     mv = form.get("metadata_version")
     if mv is not None and mv.strip() not in METADATA_VERSIONS:
         raise BadRequest(
-            f"Unsupported metadata_version {mv[:10]!r}; accepted: 1.0 to 2.5"
+            f"Unsupported metadata_version {quoted(mv, 10)}; accepted: 1.0 to 2.5"
         )
     rp = form.get("requires_python")
     if rp is not None and rp.strip():
@@ -123,7 +123,7 @@ def check_file(form: UploadForm, spooled: Spooled, name: NormalizedName,
         )
     filetype = form.get("filetype")
     if filetype is not None and filetype.strip() != _FILETYPES[dist.kind]:
-        raise BadRequest(f"filetype {filetype[:20]!r} does not match {spooled.filename}")
+        raise BadRequest(f"filetype {quoted(filetype, 20)} does not match {spooled.filename}")
     return dist
 
 

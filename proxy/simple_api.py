@@ -17,7 +17,7 @@ import orjson
 from packaging.utils import NormalizedName, canonicalize_name
 
 from .dists import guess_version, is_safe_filename
-from .errors import BadRequest, NotAcceptable
+from .errors import BadRequest, NotAcceptable, quoted
 from .model import (
     FileEntry,
     ProjectPage,
@@ -58,7 +58,7 @@ def negotiate(accept: str | None, format_query: str | None = None) -> tuple[Form
     if format_query:
         ctype = _ALIASES.get(format_query.strip(), format_query.strip())
         if ctype not in _SERVER_ORDER:
-            raise NotAcceptable(f"Unsupported format {format_query[:80]!r}")
+            raise NotAcceptable(f"Unsupported format {quoted(format_query, 80)}")
         return _format_of(ctype), ctype
     if not accept or not accept.strip():
         return "html", TEXT_HTML
@@ -101,9 +101,11 @@ def _parse_accept(accept: str) -> Iterable[tuple[str, float]]:
                 try:
                     q = float(value.strip())
                 except ValueError:
-                    raise BadRequest(f"Invalid q-value in Accept header: {value[:20]!r}") from None
+                    raise BadRequest(
+                        f"Invalid q-value in Accept header: {quoted(value, 20)}"
+                    ) from None
                 if not 0.0 <= q <= 1.0:
-                    raise BadRequest(f"Invalid q-value in Accept header: {value[:20]!r}")
+                    raise BadRequest(f"Invalid q-value in Accept header: {quoted(value, 20)}")
         yield _ALIASES.get(mtype, mtype), q
 
 
@@ -263,7 +265,7 @@ def parse_page(
         return _parse_json(body, page_url, project)
     if ctype in (TEXT_HTML, HTML_V1):
         return _parse_html(body, page_url, project)
-    raise PageParseError(f"unexpected content type {ctype!r}")
+    raise PageParseError(f"unexpected content type {quoted(ctype)}")
 
 
 def _origin(page_url: str, href: object) -> str | None:
@@ -348,8 +350,10 @@ def _parse_html(body: bytes, page_url: str, project: NormalizedName) -> ProjectP
     try:
         parser.feed(body.decode("utf-8"))
         parser.close()
-    except (UnicodeDecodeError, AssertionError) as exc:
-        raise PageParseError(f"invalid PEP 503 HTML: {exc}") from None
+    except UnicodeDecodeError:
+        raise PageParseError("invalid PEP 503 HTML: not UTF-8") from None
+    except AssertionError:
+        raise PageParseError("invalid PEP 503 HTML: malformed markup") from None
     if not parser.saw_html and not parser.anchors:
         raise PageParseError("invalid PEP 503 HTML: no markup")
     files = []

@@ -13,7 +13,7 @@ from typing import TypeVar
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from .errors import BadRequest, ProxyError, RequestTimeout, TooLarge
+from .errors import BadRequest, ProxyError, RequestTimeout, TooLarge, quoted
 from .publish import CHUNK, MAX_FIELD_BYTES, Spooled, UploadForm, check_form_header
 from .state import CONFIG, METRICS, PUBLISHER
 
@@ -52,7 +52,9 @@ async def _read_field(part: BodyPartReader, idle: float) -> bytes:
             break
         buf += chunk
         if len(buf) > MAX_FIELD_BYTES:
-            raise BadRequest(f"Form field {part.name!r} is larger than {MAX_FIELD_BYTES} bytes")
+            raise BadRequest(
+                f"Form field {quoted(part.name)} is larger than {MAX_FIELD_BYTES} bytes"
+            )
     return bytes(buf)
 
 

@@ -382,9 +382,9 @@ def _bad_sdists(root: Path) -> list[tuple[str, Path, str]]:
         tf.addfile(info, io.BytesIO(_pkg_info()))
     cases.append(("plain-tar", plain, "not a valid tar.gz"))
     tgz("other-project", [(f"{top}/PKG-INFO", _pkg_info(name="other-lib"), _REG), setup],
-        "names 'other-lib'")
+        'names "other-lib"')
     tgz("other-version", [(f"{top}/PKG-INFO", _pkg_info(version="2.0"), _REG), setup],
-        "version '2.0'")
+        'version "2.0"')
     tgz("no-pkg-info", [setup], "no acme_lib-1.0/PKG-INFO")
     tgz("deep-pkg-info", [(f"{top}/sub/PKG-INFO", _pkg_info(), _REG), setup],
         "no acme_lib-1.0/PKG-INFO")
