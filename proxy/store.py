@@ -6,6 +6,7 @@ Layout under <data_dir>/private/<normalized name>/:
                       sha256, so a file name never comes back with other bytes
     files/<filename>  and files/<filename>.metadata (PEP 658)
     .lock             flock target: serializes writers across worker processes
+    released.json     after an admin released the name: the "used" record alone
 A project directory with an index.json is private, even with no files left: a
 deleted name is not handed back to upstream until an admin releases it.
 Writes happen in worker threads, each inside Generation.writing(); reads trust
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -38,6 +38,8 @@ AddOutcome = Literal["stored", "duplicate"]
 # file key -> sha256 of the bytes first stored under it
 Used = dict[str, str]
 _INDEX = "index.json"
+# What a released name leaves behind: the files it used, and their sha256.
+_RELEASED = "released.json"
 _GENERATION = ".generation"
 # Names whose private-or-not answer is remembered between store changes.
 _KNOWN_NAMES = 100_000
@@ -157,7 +159,16 @@ class PrivateStore:
         try:
             data = orjson.loads((self.root / name / _INDEX).read_bytes())
         except FileNotFoundError:
-            return None, {}
+            # Released, or never private: only the record of used files, if any.
+            try:
+                data = orjson.loads((self.root / name / _RELEASED).read_bytes())
+            except (FileNotFoundError, NotADirectoryError):
+                return None, {}
+            raw = data.get("used") if isinstance(data, dict) else None
+            return None, (
+                {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+                if isinstance(raw, dict) else {}
+            )
         raw = data.get("used")
         used = (
             {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
@@ -356,6 +367,11 @@ class PrivateStore:
                 raise BadRequest(
                     f"{name} still has {len(page.files)} file(s); delete them before releasing"
                 )
+            _known, used = self._read_record(name)
+            # The name goes back to the guard's other rules, but a file name once
+            # used keeps its bytes: should the name be published here again, its
+            # old files cannot come back different (the record outlives the index).
+            write_atomic(pdir / _RELEASED, orjson.dumps({"used": used}), self.tmp_dir)
             (pdir / _INDEX).unlink(missing_ok=True)
-        shutil.rmtree(pdir, ignore_errors=True)
-        fsync_dir(self.root)
+            fsync_dir(pdir)
+        os.utime(self.root)  # names() trusts the root's mtime

@@ -326,6 +326,24 @@ def test_a_deleted_file_name_never_comes_back_with_other_bytes(
     assert _files(proxy, "wpkg") == {first.name: sha256_file(first)}
 
 
+def test_a_released_name_keeps_its_used_file_names(
+    proxy: ProxyServer, artifacts_dir: Path,
+) -> None:
+    """Releasing hands the name back to upstream, not its file names to new bytes."""
+    first = build_wheel(artifacts_dir / "a", "wpkg", "1.0", module_text="a = 1\n")
+    other = build_wheel(artifacts_dir / "b", "wpkg", "1.0", module_text="b = 2\n")
+    assert _upload(proxy, first, "wpkg", "1.0").status == 200
+    admin = {"Authorization": basic(ADMIN, ADMIN_SECRET)}
+    assert call(f"{proxy.url}/-/files/wpkg/{first.name}", "DELETE", headers=admin).status == 200
+    assert call(f"{proxy.url}/-/projects/wpkg", "DELETE", headers=admin).status == 200
+    assert b"wpkg" not in call(f"{proxy.url}/simple/").body  # no longer private
+    answer = _upload(proxy, other, "wpkg", "1.0")
+    assert answer.status == 400 and _reason(answer).startswith("File already exists")
+    newer = build_wheel(artifacts_dir / "c", "wpkg", "2.0")
+    assert _upload(proxy, newer, "wpkg", "2.0").status == 200
+    assert _files(proxy, "wpkg") == {newer.name: sha256_file(newer)}
+
+
 def test_a_store_written_before_the_record_still_reads_and_still_protects(
     proxy: ProxyServer, artifacts_dir: Path,
 ) -> None:
