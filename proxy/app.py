@@ -31,6 +31,7 @@ from .publish import Publisher
 from .state import AUTH, CONFIG, INDEX, METRICS, PUBLISHER, STORE, LiveConfig
 from .store import PrivateStore
 from .upstream import UpstreamClient
+from .upstream_names import UpstreamNames
 
 log = logging.getLogger("indexguard")
 
@@ -225,7 +226,9 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     await asyncio.to_thread(artifacts.open)
     pages = await asyncio.to_thread(PageCache, data / "cache" / "pages")
     upstream = UpstreamClient(metrics, f"indexguard/{__version__}")
-    index = Index(store, pages, artifacts, upstream, CollisionLedger(), metrics,
+    names = UpstreamNames(data / "cache" / "upstream-names", data / "tmp", metrics,
+                          f"indexguard/{__version__}")
+    index = Index(store, pages, artifacts, upstream, CollisionLedger(names, metrics), metrics,
                   config.cache.memory_pages)
     publisher = Publisher(store, metrics, index.upstream_has)
     if swept:
@@ -247,6 +250,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
 
     async def resources(_app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
+        await names.start()
         flusher = asyncio.create_task(flush_metrics())
         yield
         flusher.cancel()
@@ -258,6 +262,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         if not await artifacts.drain(budget):
             log.warning("cache downloads cut off at shutdown")
         artifacts.close()
+        await names.close()
         await upstream.close()
         await index.flush()
         await asyncio.to_thread(pages.close)

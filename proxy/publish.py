@@ -183,7 +183,7 @@ def upload_time_now() -> str:
 class Publisher:
     def __init__(
         self, store: PrivateStore, metrics: Metrics,
-        upstream_has: Callable[[NormalizedName, Config], Awaitable[bool]],
+        upstream_has: Callable[[NormalizedName, Config], Awaitable[bool | None]],
     ) -> None:
         self.store = store
         self.metrics = metrics
