@@ -21,7 +21,7 @@ import pytest
 
 from proxy.config import ConfigError, build_config
 from tests.conftest import MakeProxy
-from tests.faults.helpers import basic, call, eventually
+from tests.faults.helpers import basic, call, eventually, sha256_hex
 from tests.support.artifacts import build_wheel
 from tests.support.server import ProxyServer
 from tests.support.upstream import FakeUpstream
@@ -186,3 +186,133 @@ def test_patterns_that_can_never_match_are_refused_with_their_key(tmp_path: Path
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "guard.private_only[0]: 'acme/*' can never match a project name" in result.stderr
+
+
+# ------------------------------------------------------------------ item 14
+
+PROM, PROM_SECRET = "prometheus", "s3cret-metrics-token"
+
+
+def test_metrics_needs_a_metrics_token_when_reading_needs_one(
+    make_proxy: MakeProxy, upstream: FakeUpstream,
+) -> None:
+    config = auth_config(upstream.url, guard={"private_only": ["acme-*"]})
+    proxy = make_proxy(config)  # anonymous_read: false
+    anonymous = call(proxy.url + "/metrics")
+    assert anonymous.status == 401 and "www-authenticate" in anonymous.headers
+    assert b"acme" not in anonymous.body and b"indexguard_" not in anonymous.body
+    reader = call(proxy.url + "/metrics", headers={"Authorization": basic(READER, READER_SECRET)})
+    assert reader.status == 403
+    # A token for the scraper: `indexguard token new --name prometheus --scopes metrics`.
+    config["auth"]["tokens"].append({"name": PROM, "sha256": sha256_hex(PROM_SECRET),
+                                     "scopes": ["metrics"]})
+    proxy.update_config(config)
+    proxy.sighup()
+    prom = {"Authorization": basic(PROM, PROM_SECRET)}
+    assert eventually(lambda: call(proxy.url + "/metrics", headers=prom).status == 200)
+    for user, secret in ((PROM, PROM_SECRET), (ADMIN, ADMIN_SECRET)):
+        answer = call(proxy.url + "/metrics", headers={"Authorization": basic(user, secret)})
+        assert answer.status == 200 and b"indexguard_http_requests_total" in answer.body
+        assert answer.headers["cache-control"].startswith("private")
+    # The metrics scope reads metrics and nothing else; health stays open for probes.
+    assert call(proxy.url + "/simple/acme-x/", headers=prom).status == 403
+    assert call(proxy.url + "/-/health").status == 200
+
+
+def test_answers_that_took_credentials_are_private_to_front_caches(
+    make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
+) -> None:
+    pub = build_wheel(artifacts_dir / "up", "public-lib", "1.0")
+    upstream.add(pub)
+    proxy = make_proxy(auth_config(upstream.url))  # anonymous_read: false
+    mine = build_wheel(artifacts_dir, "acme-lib", "1.0")
+    assert twine_upload(proxy.url + "/", [mine], WRITER, WRITER_SECRET).returncode == 0
+    reader = {"Authorization": basic(READER, READER_SECRET)}
+    page, file = "private, max-age=0, must-revalidate", "private, max-age=31536000, immutable"
+    wanted = [("/simple/acme-lib/", page), (f"/files/acme-lib/{mine.name}", file),
+              ("/simple/public-lib/", page),
+              (f"/files/public-lib/{pub.name}", file),  # streamed from upstream
+              (f"/files/public-lib/{pub.name}", file)]  # from the cache
+    for path, cache_control in wanted:
+        answer = call(proxy.url + path, headers=reader)
+        assert answer.status == 200, (path, answer.status)
+        assert answer.headers["cache-control"] == cache_control, path
+        again = call(proxy.url + path, headers={**reader, "If-None-Match": answer.headers["etag"]})
+        assert again.status == 304 and again.headers["cache-control"] == cache_control, path
+
+    # Reading opened to all: anonymous answers may be shared, credentialed ones still not.
+    proxy.update_config({"auth": {"anonymous_read": True}})
+    proxy.sighup()
+    assert eventually(lambda: call(proxy.url + "/simple/acme-lib/").status == 200)
+    url = f"{proxy.url}/files/acme-lib/{mine.name}"
+    assert call(url).headers["cache-control"] == "public, max-age=31536000, immutable"
+    assert call(url, headers=reader).headers["cache-control"] == file
+
+
+# ------------------------------------------------------------------ item 15
+
+
+def _statuses(url: str, header: str, count: int, source: str | None = None,
+              forwarded: str | None = None) -> list[int]:
+    headers = {"Authorization": header}
+    if forwarded is not None:
+        headers["X-Forwarded-For"] = forwarded
+    return [call(url, headers=headers, source=source).status for _ in range(count)]
+
+
+def test_failed_logins_never_lock_out_valid_tokens_or_anonymous_reads(
+    make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
+) -> None:
+    """One CI job with an expired token behind a NAT must not lock out the
+    others behind the same address."""
+    upstream.add(build_wheel(artifacts_dir, "public-lib", "1.0"))
+    proxy = _proxy(make_proxy, upstream)  # anonymous_read: true
+    url = proxy.url + "/simple/public-lib/"
+    expired = basic("old", "s3cret-expired-token")
+    assert _statuses(url, expired, 22) == [401] * 20 + [429] * 2
+    # The same address: a valid token of another user, and of the very same user
+    # name (__token__), anonymous reads, another user's typo.
+    assert call(url, headers={"Authorization": basic(WRITER, WRITER_SECRET)}).status == 200
+    assert call(url, headers={"Authorization": basic("__token__", WRITER_SECRET)}).status == 200
+    assert call(url).status == 200
+    assert call(url, headers={"Authorization": basic(READER, "typo")}).status == 401
+    # The one refused keeps being refused; another address has its own count.
+    assert _statuses(url, expired, 1) == [429]
+    assert _statuses(url, expired, 1, source="127.0.0.2") == [401]
+    wrong_token = basic("__token__", "guessing")
+    assert _statuses(url, wrong_token, 21) == [401] * 20 + [429]
+    assert call(url, headers={"Authorization": basic("__token__", READER_SECRET)}).status == 200
+
+
+def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
+    make_proxy: MakeProxy, upstream: FakeUpstream,
+) -> None:
+    config = auth_config(upstream.url, listen={"trusted_proxies": ["127.0.0.2/32"]})
+    proxy = make_proxy(config)
+    url = proxy.url + "/simple/anything/"
+    bad = basic(READER, "wrong")
+    # Behind the trusted proxy (peer 127.0.0.2): the right-most address it added counts,
+    # whatever the client wrote to its left.
+    assert _statuses(url, bad, 21, "127.0.0.2", "6.6.6.6, 10.0.0.9") == [401] * 20 + [429]
+    assert _statuses(url, bad, 1, "127.0.0.2", "7.7.7.7, 10.0.0.9") == [429]
+    assert _statuses(url, bad, 1, "127.0.0.2", "10.0.0.8") == [401]  # another client
+    good = basic(READER, READER_SECRET)
+    assert call(url, headers={"Authorization": good, "X-Forwarded-For": "10.0.0.9"},
+                source="127.0.0.2").status == 404  # authenticated; no such project
+    # From a peer that is no trusted proxy the header is the client's own words: ignored.
+    rotating = [call(url, headers={"Authorization": bad, "X-Forwarded-For": f"10.1.0.{i}"},
+                     source="127.0.0.3").status for i in range(21)]
+    assert rotating == [401] * 20 + [429]
+
+
+def test_the_failed_login_limit_is_one_limit_across_workers(
+    make_proxy: MakeProxy, upstream: FakeUpstream,
+) -> None:
+    config = auth_config(upstream.url, workers=2)
+    proxy = make_proxy(config)
+    # Fresh connections spread over both workers (SO_REUSEPORT): with a count per
+    # worker neither would see 20 of these 24.
+    statuses = _statuses(proxy.url + "/simple/anything/", basic(READER, "wrong"), 24)
+    assert statuses == [401] * 20 + [429] * 4
+    assert call(proxy.url + "/simple/anything/",
+                headers={"Authorization": basic(READER, READER_SECRET)}).status == 404
