@@ -339,6 +339,11 @@ class UpstreamNames:
         except OSError as exc:
             self._problem = f"project list not readable or writable here: {exc.strerror}"
             log.warning("upstream project list", extra={"reason": self._problem})
+        except Exception:
+            # A bug: logged with its traceback, and never raised into an upload
+            # waiting in wait_for_list().
+            self._problem = "internal error reading the project list"
+            log.exception("upstream project list")
 
     async def _adopt_saved(self, config: Config, upstream: str) -> bool:
         """Take a newer saved list (an earlier run's, a sibling worker's); True when
