@@ -16,6 +16,7 @@ import asyncio
 import bisect
 import contextlib
 import fcntl
+import functools
 import hashlib
 import html
 import itertools
@@ -66,6 +67,7 @@ def name_key(name: str) -> int:
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
 
 
+@functools.lru_cache(maxsize=8)  # asked on every blocked request, of one or two URLs
 def url_key(url: str) -> str:
     """Which upstream a list belongs to, without keeping its URL (it may hold credentials)."""
     return hashlib.blake2b(url.encode(), digest_size=16).hexdigest()
@@ -281,8 +283,10 @@ class UpstreamNames:
                 await asyncio.wait_for(asyncio.shield(task), config.upstream.timeout)
 
     def report(self, config: Config) -> dict[str, object]:
-        """For /-/guard: whether collisions can be detected, and from what."""
+        """For /-/guard: whether collisions can be detected, and from what (asking
+        starts a refresh when one is due, so the answer is not "not_fetched" twice)."""
         current = self._current(config)
+        self._maybe_refresh(config, current)
         fetching = self._task is not None and not self._task.done()
         if current is not None:
             state = "ok"
@@ -331,7 +335,6 @@ class UpstreamNames:
                 if await self._adopt_saved(config, upstream):
                     return
                 await self._fetch(config, upstream)
-            self._problem = None
         except NamesUnavailable as exc:
             self._problem = str(exc)
             log.warning("no upstream project list; collisions cannot be detected",
@@ -423,6 +426,7 @@ class UpstreamNames:
 
     def _install(self, names: NameList) -> None:
         self._list = names
+        self._problem = None
         for callback in self._listeners:
             callback()
 

@@ -120,6 +120,20 @@ def test_the_project_list_is_revalidated_with_its_etag(
     assert _paths_naming(upstream, "acme") == []
 
 
+def test_workers_share_one_fetch_of_the_project_list(
+    make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
+) -> None:
+    upstream.add(build_wheel(artifacts_dir, "acme-secret", "1.0"))
+    config = auth_config(upstream.url, workers=2, guard={"private_only": ["acme-*"]})
+    config["auth"]["anonymous_read"] = True
+    proxy = make_proxy(config)
+    for _ in range(20):  # fresh connections: both workers see some
+        assert call(proxy.url + "/simple/acme-secret/").status == 404
+    assert eventually(lambda: _metric(proxy, "indexguard_blocked_collisions_total") == 20)
+    assert upstream.requests.count(("GET", "/simple/")) == 1, upstream.requests
+    assert _paths_naming(upstream, "acme") == []
+
+
 def test_an_upstream_without_a_usable_list_is_reported_never_probed(
     make_proxy: MakeProxy, upstream: FakeUpstream, artifacts_dir: Path,
 ) -> None:
