@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from . import __version__, web_admin, web_ops, web_simple, web_upload
-from .auth import ANONYMOUS, Authenticator
+from .auth import ANONYMOUS, OPEN_SCOPES, Authenticator, client_address
 from .cache import ArtifactCache
 from .config import Config, ConfigError, load_config
 from .errors import NotFound, ProxyError, Unauthorized
 from .guard import CollisionLedger
 from .index import Index
+from .login_limit import FailureLimit
 from .logs import TOKEN_NAME
 from .metrics import FLUSH_INTERVAL, Metrics
 from .pagecache import PageCache
@@ -31,6 +32,7 @@ from .publish import Publisher
 from .state import AUTH, CONFIG, INDEX, METRICS, PUBLISHER, STORE, LiveConfig
 from .store import PrivateStore
 from .upstream import UpstreamClient
+from .upstream_names import UpstreamNames
 
 log = logging.getLogger("indexguard")
 
@@ -59,6 +61,8 @@ class Lifecycle:
 
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+# Set on a request whose answer took credentials (see _private_if_credentialed).
+CREDENTIALED = web.RequestKey("credentialed", bool)
 
 
 def _routes(app: web.Application) -> None:
@@ -79,7 +83,8 @@ def _routes(app: web.Application) -> None:
     add("POST", "/legacy", web_upload.upload, "write")  # twine --repository-url .../legacy
     add("GET", "/", web_ops.landing, None)
     add("GET", "/-/health", web_ops.health, None)
-    add("GET", "/metrics", web_ops.metrics, None)
+    # It names private and reserved projects: as open as reading, or a metrics token.
+    add("GET", "/metrics", web_ops.metrics, "metrics")
     add("GET", "/-/guard", web_admin.guard_report, "admin")
     add("POST", "/-/yank/{project}/{version}", web_admin.yank, "admin")
     add("POST", "/-/unyank/{project}/{version}", web_admin.unyank, "admin")
@@ -123,8 +128,8 @@ def edge(handler: Handler, label: str, scope: str | None) -> Handler:
         life.active += 1
         try:
             try:
-                if scope is not None:
-                    _authorize(request, scope)
+                if scope is not None and not _open_to_anonymous(request, scope):
+                    await _authorize(request, scope)
                 response = await handler(request)
             except ProxyError as exc:
                 response = _error_response(request, exc)
@@ -151,23 +156,47 @@ def edge(handler: Handler, label: str, scope: str | None) -> Handler:
     return functools.update_wrapper(wrapped, handler)
 
 
-def _authorize(request: web.Request, scope: str) -> None:
+def _open_to_anonymous(request: web.Request, scope: str) -> bool:
+    """No credentials, and none needed: the common case, decided without a coroutine."""
+    if "Authorization" in request.headers or scope not in OPEN_SCOPES:
+        return False
+    if not request.app[CONFIG].current.auth.anonymous_read:
+        return False
+    request[TOKEN_NAME] = ANONYMOUS.name
+    return True
+
+
+async def _authorize(request: web.Request, scope: str) -> None:
     config = request.app[CONFIG].current
-    header = request.headers.get("Authorization")
-    authenticator = request.app[AUTH]
-    if header is None and scope == "read" and config.auth.anonymous_read and (
-        not authenticator.limiting
-    ):
-        request[TOKEN_NAME] = ANONYMOUS.name  # nothing to check: the common case
-        return
+    client = client_address(request.remote, request.headers.get("X-Forwarded-For"),
+                            config.listen.trusted_proxies)
     try:
-        identity = authenticator.identify(header, config.auth, request.remote or "-")
+        identity = await request.app[AUTH].identify(
+            request.headers.get("Authorization"), config.auth, client)
         Authenticator.require(identity, scope, config.auth)
     except ProxyError as exc:
         metrics = request.app[METRICS]
         metrics.count(metrics.auth_failures, _auth_reason(exc))
         raise
     request[TOKEN_NAME] = identity.name
+    if identity is not ANONYMOUS:
+        request[CREDENTIALED] = True
+
+
+async def _private_if_credentialed(request: web.Request, response: web.StreamResponse) -> None:
+    """An answer that took credentials must not be kept by a shared (front) cache,
+    or it would serve private wheels and pages to anyone who asks after."""
+    if request.get(CREDENTIALED):
+        response.headers["Cache-Control"] = private_cache_control(
+            response.headers.get("Cache-Control"))
+
+
+def private_cache_control(value: str | None) -> str:
+    """The Cache-Control value with `public` replaced by `private`, the rest kept
+    (max-age=0, must-revalidate for pages; immutable for files)."""
+    kept = [d.strip() for d in (value or "").split(",")
+            if d.strip() and d.strip().lower() not in ("public", "private")]
+    return ", ".join(["private", *kept])
 
 
 def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
@@ -227,7 +256,9 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     await asyncio.to_thread(artifacts.open)
     pages = await asyncio.to_thread(PageCache, data / "cache" / "pages")
     upstream = UpstreamClient(metrics, f"indexguard/{__version__}")
-    index = Index(store, pages, artifacts, upstream, CollisionLedger(), metrics,
+    names = UpstreamNames(data / "cache" / "upstream-names", data / "tmp", metrics,
+                          f"indexguard/{__version__}")
+    index = Index(store, pages, artifacts, upstream, CollisionLedger(names, metrics), metrics,
                   config.cache.memory_pages)
     publisher = Publisher(store, metrics, index.upstream_has)
     if swept:
@@ -239,7 +270,9 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     app[STORE] = store
     app[INDEX] = index
     app[PUBLISHER] = publisher
-    app[AUTH] = Authenticator()
+    failures = FailureLimit(data / "auth-failures.sqlite3")
+    await asyncio.to_thread(failures.open)
+    app[AUTH] = Authenticator(failures)
     life = app[LIFECYCLE] = Lifecycle()
 
     async def flush_metrics() -> None:
@@ -249,6 +282,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
 
     async def resources(_app: web.Application) -> AsyncIterator[None]:
         await upstream.start()
+        await names.start()
         flusher = asyncio.create_task(flush_metrics())
         yield
         flusher.cancel()
@@ -260,13 +294,16 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         if not await artifacts.drain(budget):
             log.warning("cache downloads cut off at shutdown")
         artifacts.close()
+        await names.close()
         await upstream.close()
         await index.flush()
         await asyncio.to_thread(pages.close)
         store.close()
+        await asyncio.to_thread(failures.close)
         metrics.flush()
 
     app.cleanup_ctx.append(resources)
     app.on_startup.append(_on_startup)
+    app.on_response_prepare.append(_private_if_credentialed)
     _routes(app)
     return app

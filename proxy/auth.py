@@ -1,27 +1,36 @@
-"""HTTP Basic credentials -> token, scopes, expiry; failures rate-limited per client.
+"""HTTP Basic credentials -> token, scopes, expiry; failed logins limited per (client, user).
 
 Secrets are only ever hashed (sha256) and compared in constant time; nothing here
-logs or stores a secret.
+logs or stores a secret. The limit counts failures only: valid credentials are
+never refused by it, and a request without credentials never meets it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
+import logging
 import secrets
+import sqlite3
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NoReturn
 
-from .config import Auth, Token
+from .config import Auth, IPNetwork, Token
 from .errors import Forbidden, TooManyRequests, Unauthorized
+from .login_limit import FailureLimit
 
-# Failed attempts allowed per client in a window before 429s (brute-force guard).
-MAX_FAILURES = 20
-FAILURE_WINDOW = 60.0
+log = logging.getLogger("indexguard.auth")
+
+# Scopes a request without credentials has while auth.anonymous_read is on.
+OPEN_SCOPES = frozenset({"read", "metrics"})
+# X-Forwarded-For hops looked at, from the right.
+_MAX_HOPS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,34 +70,85 @@ def parse_basic(header: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def client_address(
+    peer: str | None, forwarded_for: str | None, trusted: tuple[IPNetwork, ...],
+) -> str:
+    """Whom a failed login is charged to: the peer, or, when the peer is a trusted
+    proxy (listen.trusted_proxies), the right-most X-Forwarded-For address that
+    is not one. Hops left of that were written by the client and prove nothing."""
+    if peer is None:
+        return "-"
+    if not trusted or not forwarded_for or not _is_trusted(peer, trusted):
+        return peer
+    client = peer
+    for hop in reversed(forwarded_for.split(",")[-_MAX_HOPS:]):
+        address = _ip(hop)
+        if address is None:
+            # A trusted proxy appends real addresses; this one came from the
+            # client. Charge the proxy rather than let the client pick its key.
+            return peer
+        client = str(address)
+        if not any(address in net for net in trusted):
+            return client
+    return client
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1:text.index("]")]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _is_trusted(peer: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    address = _ip(peer)
+    return address is not None and any(address in net for net in trusted)
+
+
 class Authenticator:
-    """Checks credentials against the live auth config; remembers failures per client."""
+    """Checks credentials against the live auth config; counts failures in a FailureLimit."""
 
-    def __init__(self) -> None:
-        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+    def __init__(self, failures: FailureLimit) -> None:
+        self._failures = failures
+        self._store_warned = 0.0
 
-    @property
-    def limiting(self) -> bool:
-        """Whether any client is being counted toward the failure limit."""
-        return bool(self._failures)
-
-    def identify(
+    async def identify(
         self, header: str | None, auth: Auth, client: str, today: dt.date | None = None,
     ) -> Identity:
-        """The caller's identity. Raises Unauthorized, TooManyRequests."""
-        self._check_rate(client)
-        creds = parse_basic(header)
+        """The caller's identity. Raises Unauthorized, or TooManyRequests when this
+        (client, username) failed too often: only ever for credentials that fail."""
+        try:
+            creds = parse_basic(header)
+        except Unauthorized as exc:
+            await self._failed(client, "", exc)
         if creds is None:
             return ANONYMOUS
         user, password = creds
         token = self._match(user, password, auth.tokens)
         if token is None:
-            self._fail(client)
-            raise Unauthorized("Invalid credentials")
+            await self._failed(client, user, Unauthorized("Invalid credentials"))
         if token.expires is not None and token.expires < (today or dt.date.today()):
-            self._fail(client)
-            raise Unauthorized(f"Token {token.name} expired on {token.expires.isoformat()}")
+            await self._failed(client, user, Unauthorized(
+                f"Token {token.name} expired on {token.expires.isoformat()}"))
         return Identity(token.name, token.scopes)
+
+    async def _failed(self, client: str, user: str, exc: Unauthorized) -> NoReturn:
+        try:
+            over = await asyncio.to_thread(self._failures.fail, client, user)
+        except sqlite3.Error as err:
+            # Fail open: credentials are still checked, only the count is lost.
+            over = False
+            if time.monotonic() - self._store_warned > 60:
+                self._store_warned = time.monotonic()
+                log.warning("failed-login count unavailable", extra={"reason": str(err)})
+        if over:
+            raise TooManyRequests()
+        raise exc
 
     @staticmethod
     def _match(user: str, password: str, tokens: tuple[Token, ...]) -> Token | None:
@@ -104,28 +164,10 @@ class Authenticator:
     @staticmethod
     def require(identity: Identity, scope: str, auth: Auth) -> None:
         """Raises Unauthorized (no credentials) or Forbidden (missing scope)."""
-        if scope == "read" and auth.anonymous_read:
+        if scope in OPEN_SCOPES and auth.anonymous_read:
             return
-        if scope in identity.scopes:
+        if scope in identity.scopes or (scope == "metrics" and "admin" in identity.scopes):
             return
         if identity is ANONYMOUS:
             raise Unauthorized("Authentication required")
         raise Forbidden(f"Token {identity.name} lacks the {scope!r} scope")
-
-    def _check_rate(self, client: str) -> None:
-        stamps = self._failures.get(client)
-        if stamps is None:
-            return
-        cutoff = time.monotonic() - FAILURE_WINDOW
-        while stamps and stamps[0] < cutoff:
-            stamps.pop(0)
-        if not stamps:
-            del self._failures[client]
-        elif len(stamps) >= MAX_FAILURES:
-            raise TooManyRequests()
-
-    def _fail(self, client: str) -> None:
-        self._failures.setdefault(client, []).append(time.monotonic())
-        self._failures.move_to_end(client)
-        while len(self._failures) > 10_000:
-            self._failures.popitem(last=False)

@@ -13,20 +13,25 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import yaml
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client.multiprocess import mark_process_dead
 
 from . import __version__
 from .app import LIFECYCLE, create_app
 from .auth import hash_secret, new_secret
-from .config import SCOPES, Config, ConfigError, Listen, load_config
+from .config import SCOPES, Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
 from .metrics import MULTIPROC_ENV
 
@@ -38,6 +43,16 @@ WORKER_ENV = "INDEXGUARD_WORKER"
 SHUTDOWN_GRACE = 30.0
 # Then: how long aiohttp waits for handlers whose connections were cut to unwind.
 _CANCEL_WAIT = 2.0
+# Open files kept for what is not a client connection: the upstream pool (200),
+# downloads' temp files, the stores and logs.
+_FD_RESERVE = 512
+_MIN_CONNECTIONS = 16
+_DEFAULT_MAX_CONNECTIONS = 10_000  # more idle connections cost memory, not service
+_FD_WHEN_UNLIMITED = 65536
+_CAP_REPORT_EVERY = 60.0
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+         b"Content-Length: 33\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+         b"Too many connections; try again.\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,6 +160,12 @@ async def _serve_until_signal(config: Config, path: str | None, reuse_port: bool
         shutdown_timeout=_CANCEL_WAIT, handle_signals=False,
     )
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(AcceptErrors(loop.get_exception_handler()))
+    cap = ConnectionCap(connection_cap(config.listen.max_connections, _fd_limit()))
+    if runner.server is not None:
+        cap.install(runner.server)
+    log.info("listening", extra={"max_connections": cap.limit, "fd_limit": _fd_limit()})
     try:
         site = web.TCPSite(
             runner, config.listen.host, config.listen.port,
@@ -157,7 +178,6 @@ async def _serve_until_signal(config: Config, path: str | None, reuse_port: bool
                 f"listen: cannot listen on {config.listen.host}:{config.listen.port}: "
                 f"{os.strerror(exc.errno) if exc.errno else 'failed'}"
             ) from None
-        loop = asyncio.get_running_loop()
         signals = asyncio.Queue[int]()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, signals.put_nowait, signum)
@@ -198,6 +218,144 @@ async def _serve_until_signal(config: Config, path: str | None, reuse_port: bool
     log.info("stopped")
 
 
+def _fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_fd_limit() -> int:
+    """The soft open-file limit raised to the hard one; returns the limit in force.
+
+    Distributions start services at a soft 1024 (hard often 512k): about a
+    thousand idle connections would otherwise take every descriptor.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, _FD_WHEN_UNLIMITED)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return _fd_limit()
+
+
+def connection_cap(configured: int | None, fd_limit: int) -> int:
+    """Client connections per worker: what listen.max_connections says, or what the
+    fd limit allows, never more than that. Each connection may also hold a file
+    it sends; the upstream pool, downloads' temp files and the stores take about
+    _FD_RESERVE more."""
+    allowed = max(_MIN_CONNECTIONS, (fd_limit - _FD_RESERVE) // 2)
+    if configured is None:
+        return min(allowed, _DEFAULT_MAX_CONNECTIONS)
+    if configured > allowed:
+        log.warning("listen.max_connections is above what the open-file limit allows",
+                    extra={"max_connections": configured, "used": allowed, "fd_limit": fd_limit})
+    return min(configured, allowed)
+
+
+class ConnectionCap:
+    """At most `limit` open client connections. Over it, the connection idle the
+    longest (between requests, or still sending its headers) is closed to make
+    room; with none idle, the newcomer is answered 503 and closed. Without a cap
+    asyncio's accept loop meets EMFILE and the proxy stops answering."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self._evicted = 0
+        self._refused = 0
+        self._reported = -_CAP_REPORT_EVERY
+
+    def install(self, server: web.Server) -> None:
+        """Count connections through the aiohttp server's own open/close hooks."""
+        made, lost = server.connection_made, server.connection_lost
+
+        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
+            made(handler, transport)
+            self.open += 1
+            if self.open > self.limit:
+                self._make_room(server, handler, transport)
+
+        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
+            lost(handler, exc)
+            self.open -= 1
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+
+    def _make_room(
+        self, server: web.Server, newcomer: RequestHandler, transport: asyncio.Transport,
+    ) -> None:
+        for handler in server.connections:  # oldest first; closed ones linger a moment
+            # aiohttp's flag for "a request is being handled or answered"; if it
+            # ever goes away, nothing counts as idle and newcomers get the 503.
+            if (
+                handler is not newcomer and handler.transport is not None
+                and not getattr(handler, "_request_in_progress", True)
+            ):
+                handler.force_close()
+                self._evicted += 1
+                break
+        else:
+            transport.write(_BUSY)
+            newcomer.force_close()
+            self._refused += 1
+        now = time.monotonic()
+        if now - self._reported >= _CAP_REPORT_EVERY:  # one line a minute, not one per connection
+            log.warning("connection cap reached", extra={
+                "max_connections": self.limit, "idle_closed": self._evicted,
+                "refused": self._refused})
+            self._reported, self._evicted, self._refused = now, 0, 0
+
+
+class AcceptErrors:
+    """The loop's exception handler, with "out of file descriptors" said once a
+    minute: asyncio logs it per accept attempt (100k lines in seconds, seen)."""
+
+    def __init__(self, previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+                 | None) -> None:
+        self._previous = previous
+        self._said = -_CAP_REPORT_EVERY
+        self._quiet = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if not str(context.get("message", "")).startswith("socket.accept() out of system"):
+            if self._previous is not None:
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - self._said < _CAP_REPORT_EVERY:
+            self._quiet += 1
+            return
+        log.error("out of file descriptors: new connections wait", extra={
+            "reason": str(context.get("exception")), "repeats": self._quiet})
+        self._said, self._quiet = now, 0
+
+
+class OneLineProtocolErrors(logging.Filter):
+    """aiohttp logs a malformed request (bad request line, bad header) as an
+    ERROR with its traceback. Make it one line at `level`, no traceback, no bytes
+    of the request (a bad header's value may be a credential). With the access
+    log on, its line (status 400) is the one line, and this one is debug."""
+
+    def __init__(self, level: int = logging.INFO) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        client = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+        level = min(record.levelno, self.level)
+        record.msg, record.args = "malformed request", ()
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        record.client = client
+        record.status = exc.code
+        record.error = type(exc).__name__
+        return logging.getLogger(record.name).isEnabledFor(level)
+
+
 def _supervise(config: Config, argv: list[str], workers: int) -> int:
     """Start workers sharing the port (SO_REUSEPORT); forward SIGTERM/SIGHUP to them.
 
@@ -234,11 +392,15 @@ def serve(path: str | None, host: str | None, port: int | None, argv: Sequence[s
     except ConfigError as exc:
         return _print_problems(exc)
     if host is not None or port is not None:
-        config = dataclasses.replace(config, listen=Listen(
+        config = dataclasses.replace(config, listen=dataclasses.replace(
+            config.listen,
             host=host if host is not None else config.listen.host,
             port=port if port is not None else config.listen.port,
         ))
     setup_logging(config.log.level)
+    logging.getLogger("aiohttp.server").addFilter(OneLineProtocolErrors(
+        logging.DEBUG if config.log.access_log else logging.INFO))
+    fd_limit = raise_fd_limit()  # before workers start: they inherit it
     try:
         config.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -249,6 +411,7 @@ def serve(path: str | None, host: str | None, port: int | None, argv: Sequence[s
         "listen": f"{config.listen.host}:{config.listen.port}",
         "upstream": config.upstream.url, "forward": config.upstream.forward,
         "data_dir": str(config.data_dir.resolve()), "workers": config.worker_count,
+        "fd_limit": fd_limit,
     })
     if os.environ.get(WORKER_ENV):
         return _run_worker(config, path, reuse_port=True)

@@ -6,6 +6,7 @@ Unknown keys are errors. No I/O beyond reading the one file; nothing global.
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -16,7 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-SCOPES = ("read", "write", "admin")
+# metrics: read /metrics when anonymous_read is off (it names private projects).
+SCOPES = ("read", "write", "admin", "metrics")
 COLLISION_POLICIES = ("reject", "warn", "allow")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PUBLIC_PYPI = "https://pypi.org/simple/"
@@ -39,10 +41,19 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Characters of a PEP 503 normalized project name.
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
 @dataclass(frozen=True, slots=True)
 class Listen:
     host: str = "127.0.0.1"
     port: int = 8080
+    # Peers whose X-Forwarded-For names the client (reverse proxies, load balancers).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Open client connections per worker; None: derived from the fd limit at start.
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +104,9 @@ class Guard:
     allow_shadow: tuple[str, ...] = ()
     min_age: float | None = None
     min_age_exempt: tuple[str, ...] = ()
+    # The upstream's project list (collision detection): how long it holds, how big it may be.
+    names_ttl: float = 6 * 3600.0
+    names_max_bytes: int = 128 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +246,101 @@ def _optional_duration(value: Any) -> float | None:
     return None if value is None else _positive_duration(value)
 
 
+def _optional(convert: Callable[[Any], T]) -> Callable[[Any], T | None]:
+    return lambda value: None if value is None else convert(value)
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    networks = []
+    for item in _str_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(
+                f"{item!r} is not an IP address or a network such as 10.0.0.0/8"
+            ) from None
+    return tuple(networks)
+
+
+def normalize_pattern(pattern: str) -> str:
+    """An fnmatch pattern over project names, normalized as PEP 503 normalizes
+    names: lowercase, each run of '-', '_', '.' one '-'; '*', '?' and [...] kept.
+
+    So `Corp_*`, `internal.*` and `ACME-*` match what their authors mean.
+    Raises ValueError saying why a pattern can never match a normalized name.
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if char in "*?":
+            out.append(char)
+            i += 1
+        elif char == "[":
+            end = _class_end(pattern, i)
+            if end < 0:
+                raise ValueError(f"{pattern!r}: '[' is never closed")
+            body = pattern[i + 1:end]
+            negate = body.startswith("!")
+            members = (body[1:] if negate else body).lower()
+            odd = sorted(set(members) - _NAME_CHARS)
+            if odd:
+                raise ValueError(
+                    f"{pattern!r}: [{body}] holds {''.join(odd)!r}; normalized names have "
+                    "only a-z, 0-9 and '-'"
+                )
+            out.append("[" + ("!" if negate else "") + members + "]")
+            i = end + 1
+        elif char in "-_.":
+            while i < n and pattern[i] in "-_.":
+                i += 1
+            out.append("-")
+        else:
+            lower = char.lower()
+            if lower not in _NAME_CHARS:
+                raise ValueError(
+                    f"{pattern!r} can never match a project name: {char!r} is in no "
+                    "normalized name (a-z, 0-9 and '-' only)"
+                )
+            out.append(lower)
+            i += 1
+    normalized = "".join(out)
+    if normalized.startswith("-") or normalized.endswith("-"):
+        raise ValueError(
+            f"{pattern!r} can never match a project name: names never start or end "
+            "with '-', '_' or '.'"
+        )
+    return normalized
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """Index of the ']' closing the class opened at start, as fnmatch reads it; -1 if none."""
+    j = start + 1
+    if j < len(pattern) and pattern[j] == "!":
+        j += 1
+    if j < len(pattern) and pattern[j] == "]":
+        j += 1
+    return pattern.find("]", j)
+
+
+def _patterns(r: _Reader, data: Mapping[str, Any], path: str, key: str) -> tuple[str, ...]:
+    """A list of name patterns, each normalized; each bad one reported with its index."""
+    if key not in data:
+        return ()
+    try:
+        items = _str_list(data[key])
+    except ValueError as exc:
+        r.problems.append(f"{path}{key}: {exc}")
+        return ()
+    patterns = []
+    for i, item in enumerate(items):
+        try:
+            patterns.append(normalize_pattern(item))
+        except ValueError as exc:
+            r.problems.append(f"{path}{key}[{i}]: {exc}")
+    return tuple(patterns)
+
+
 def _tokens(r: _Reader, raw: Any) -> tuple[Token, ...]:
     if not isinstance(raw, list):
         r.problems.append("auth.tokens: expected a list")
@@ -297,10 +406,14 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
     })
     d = Config()
 
-    s = r.section(top.get("listen", {}), "listen", {"host", "port"})
+    s = r.section(top.get("listen", {}), "listen",
+                  {"host", "port", "trusted_proxies", "max_connections"})
     listen = Listen(
         host=r.get(s, "listen.", "host", d.listen.host, _str),
         port=r.get(s, "listen.", "port", d.listen.port, _int_range(0, 65535)),
+        trusted_proxies=r.get(s, "listen.", "trusted_proxies", (), _networks),
+        max_connections=r.get(s, "listen.", "max_connections", None,
+                              _optional(_int_range(1, 1_000_000))),
     )
     s = r.section(top.get("upstream", {}), "upstream",
                   {"url", "forward", "index_ttl", "negative_ttl", "timeout", "backoff"})
@@ -333,14 +446,18 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
     )
     s = r.section(top.get("guard", {}), "guard", {
         "private_only", "upload_collision", "allow_shadow", "min_age", "min_age_exempt",
+        "names_ttl", "names_max_bytes",
     })
     guard = Guard(
-        private_only=r.get(s, "guard.", "private_only", (), _str_list),
+        private_only=_patterns(r, s, "guard.", "private_only"),
         upload_collision=r.get(s, "guard.", "upload_collision", d.guard.upload_collision,
                                _choice(COLLISION_POLICIES)),
-        allow_shadow=r.get(s, "guard.", "allow_shadow", (), _str_list),
+        allow_shadow=_patterns(r, s, "guard.", "allow_shadow"),
         min_age=r.get(s, "guard.", "min_age", None, _optional_duration),
-        min_age_exempt=r.get(s, "guard.", "min_age_exempt", (), _str_list),
+        min_age_exempt=_patterns(r, s, "guard.", "min_age_exempt"),
+        names_ttl=r.get(s, "guard.", "names_ttl", d.guard.names_ttl, _positive_duration),
+        names_max_bytes=r.get(s, "guard.", "names_max_bytes", d.guard.names_max_bytes,
+                              parse_size),
     )
     s = r.section(top.get("log", {}), "log", {"level", "access_log"})
     log = Log(

@@ -1,14 +1,15 @@
 """The dependency-confusion rules as one pure function, plus the collision ledger.
 
 decide() reads top to bottom like the README's rule list; it does no I/O. The
-ledger remembers which blocked names also exist upstream (learned by a
-background probe, never on the request's path).
+ledger remembers which blocked names also exist upstream (learned from the
+upstream's project list, never by naming them upstream, never on a request's path).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import logging
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -16,7 +17,11 @@ from typing import Literal
 from packaging.utils import NormalizedName
 
 from .config import Config
+from .metrics import Metrics
 from .model import FileEntry
+from .upstream_names import UpstreamNames
+
+guard_log = logging.getLogger("indexguard.guard")
 
 Rule = Literal["private", "reserved", "forward_off", "upstream"]
 
@@ -96,36 +101,75 @@ class Collision:
 
 
 class CollisionLedger:
-    """Blocked names that exist upstream, and what the probe learned about names."""
+    """Blocked names that exist upstream, and what is known of names upstream.
 
-    def __init__(self, max_names: int = 100_000) -> None:
+    Knowledge comes from the upstream's project list (UpstreamNames) and from
+    pages fetched for forwarded names, never from asking upstream about a
+    private or reserved name. Requests seen before the list arrives are
+    counted when it does.
+    """
+
+    def __init__(self, names: UpstreamNames, metrics: Metrics, max_names: int = 100_000) -> None:
+        self.names = names
+        self._metrics = metrics
         self._exists: dict[str, tuple[bool, float]] = {}
         self._collisions: dict[tuple[str, str], Collision] = {}
+        self._pending: dict[tuple[str, str], int] = {}
         self._max = max_names
+        names.on_update(self._settle_pending)
 
-    def upstream_has(self, name: str, ttl: float) -> bool | None:
-        """True/False when probed within ttl, None when unknown (probe needed)."""
-        known = self._exists.get(name)
-        if known is None or time.time() - known[1] > ttl:
-            return None
-        return known[0]
+    def known(self, name: str, config: Config) -> bool | None:
+        """Whether upstream has the name, from what is in memory; None when unknown."""
+        seen = self._exists.get(name)
+        if seen is not None and time.time() - seen[1] <= config.upstream.index_ttl:
+            return seen[0]
+        return self.names.lookup(name, config)
+
+    async def upstream_has(self, name: str, config: Config) -> bool | None:
+        """known(), waiting (within upstream.timeout) for the upstream's list if
+        there is none yet; None when upstream cannot say now."""
+        found = self.known(name, config)
+        if found is None:
+            await self.names.wait_for_list(config)
+            found = self.known(name, config)
+        return found
 
     def remember(self, name: str, exists: bool) -> None:
+        """What a page fetch for a forwarded name found."""
         if len(self._exists) >= self._max:
             self._exists.pop(next(iter(self._exists)))
         self._exists[name] = (exists, time.time())
 
-    def record(self, name: str, rule: str) -> None:
+    def observe(self, name: str, rule: str, config: Config) -> None:
+        """A request for a blocked name; counted as a collision if upstream has it.
+        On the request's path: no I/O, no waiting."""
+        found = self.known(name, config)
+        if found:
+            self._record(name, rule)
+        elif found is None:
+            key = (name, rule)
+            if key in self._pending or len(self._pending) < self._max:
+                self._pending[key] = self._pending.get(key, 0) + 1
+
+    def _settle_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for (name, rule), count in pending.items():
+            if self.names.listed(name):
+                self._record(name, rule, count)
+
+    def _record(self, name: str, rule: str, count: int = 1) -> None:
         now = time.time()
         key = (name, rule)
         seen = self._collisions.get(key)
         if seen is None:
             if len(self._collisions) >= self._max:
                 return
-            self._collisions[key] = Collision(name, rule, 1, now, now)
+            self._collisions[key] = Collision(name, rule, count, now, now)
         else:
-            seen.count += 1
+            seen.count += count
             seen.last_seen = now
+        self._metrics.blocked_collisions.labels(rule, name).inc(count)
+        guard_log.warning("blocked name collision", extra={"project": name, "rule": rule})
 
     def collisions(self) -> list[Collision]:
         return sorted(self._collisions.values(), key=lambda c: (-c.count, c.name))

@@ -147,7 +147,6 @@ class Index:
         # Per name: a broken page (garbage, too large) backs off that name alone.
         self._backoff: dict[str, float] = {}
         self.outage = Outage()
-        self._probes: dict[str, asyncio.Task[None]] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self.served_names: OrderedDict[str, None] = OrderedDict()
 
@@ -161,42 +160,13 @@ class Index:
             guard_log.log(level, "guard decision",
                           extra={"project": name, "rule": decision.rule, "client": client})
         if decision.rule in ("private", "reserved") and config.upstream.forward:
-            self._count_collision(name, decision.rule, config)
+            self.ledger.observe(name, decision.rule, config)
         return decision
 
-    def _count_collision(self, name: NormalizedName, rule: str, config: Config) -> None:
-        known = self.ledger.upstream_has(name, config.upstream.index_ttl)
-        if known:
-            self._record_collision(name, rule)
-        elif known is None and name not in self._probes:
-            # Never on the request's path: learn in the background, count then.
-            task = asyncio.create_task(self._probe(name, rule, config))
-            self._probes[name] = task
-            task.add_done_callback(lambda _t: self._probes.pop(name, None))
-
-    async def _probe(self, name: NormalizedName, rule: str, config: Config) -> None:
-        if await self.upstream_has(name, config):
-            self._record_collision(name, rule)
-
     async def upstream_has(self, name: NormalizedName, config: Config) -> bool | None:
-        """Whether upstream lists the name: remembered for index_ttl. None when
-        the upstream cannot answer now (not remembered: asked again next time)."""
-        known = self.ledger.upstream_has(name, config.upstream.index_ttl)
-        if known is not None:
-            return known
-        resp = await self.upstream.fetch_page(
-            upstream_page_url(config.upstream.url, name), config.upstream.timeout
-        )
-        if resp.outcome == "unavailable":
-            return None
-        exists = resp.outcome in ("ok", "not_modified")
-        self.ledger.remember(name, exists)
-        return exists
-
-    def _record_collision(self, name: NormalizedName, rule: str) -> None:
-        self.ledger.record(name, rule)
-        self.metrics.blocked_collisions.labels(rule, name).inc()
-        guard_log.warning("blocked name collision", extra={"project": name, "rule": rule})
+        """Whether upstream lists the name; None when it cannot say now. Never
+        names it to upstream: the answer comes from the upstream's project list."""
+        return await self.ledger.upstream_has(name, config)
 
     # --- pages -----------------------------------------------------------------------
 

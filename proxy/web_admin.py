@@ -77,6 +77,9 @@ async def guard_report(request: web.Request) -> web.Response:
         "min_age_seconds": config.guard.min_age,
         "forward": config.upstream.forward,
         "private_names": await request.app[STORE].names(),
+        # Collisions are detected from the upstream's project list; without one
+        # ("unavailable": the root gave none) they cannot be, and this says so.
+        "upstream_names": index.ledger.names.report(config),
         "collisions": [
             {"name": c.name, "rule": c.rule, "count": c.count,
              "first_seen": c.first_seen, "last_seen": c.last_seen}

@@ -512,6 +512,27 @@ def test_prometheus_scrapes_indexguard() -> None:
     assert host in compose()["services"], f"{host} is not a compose service"
 
 
+def test_prometheus_shows_the_scrape_with_a_metrics_token() -> None:
+    """With auth.anonymous_read off /metrics needs a token with the metrics scope;
+    the commented basic_auth block is what to uncomment, at the right place."""
+    text = PROMETHEUS.read_text(encoding="utf-8")
+    assert "--scopes metrics" in text
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "# basic_auth:")
+    indent = lines[start].index("#")
+    block = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith(" " * indent + "#   "):
+            break
+        block.append(line)
+    uncommented = [line[:indent] + line[indent + 2:] for line in block]
+    edited = lines[:start] + uncommented + lines[start + len(block):]
+    job = {j["job_name"]: j for j in yaml.safe_load("\n".join(edited))["scrape_configs"]}
+    auth = job["indexguard"]["basic_auth"]
+    assert set(auth) == {"username", "password_file"}, auth
+    assert auth["password_file"].startswith("/etc/prometheus/")
+
+
 def test_promtool_check_config() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -19,7 +20,14 @@ from tests.support.server import ProxyServer, free_port
 from tests.support.upstream import FakeUpstream
 from tests.support_dashboard import dashboard_exprs
 from tests.test_guard import guard_proxy
-from tests.test_publish import READER, WRITER, WRITER_SECRET, request, twine_upload
+from tests.test_publish import (
+    READER,
+    WRITER,
+    WRITER_SECRET,
+    auth_config,
+    request,
+    twine_upload,
+)
 
 PROMETHEUS = shutil.which("prometheus")
 # The dashboard pads every query with a zero so panels never say "No data"; the
@@ -36,12 +44,14 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     proc: subprocess.Popen[bytes] | None = None
     log = (tmp_path / "prometheus.log").open("wb")
 
-    def start(target: str) -> str:
+    def start(target: str, basic_auth: dict[str, str] | None = None) -> str:
         nonlocal proc
+        auth = f"    basic_auth: {json.dumps(basic_auth)}\n" if basic_auth else ""
         config.write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             "scrape_configs:\n"
             f"  - job_name: indexguard\n    static_configs: [{{targets: ['{target}']}}]\n"
+            + auth
         )
         proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -109,6 +119,30 @@ def test_every_dashboard_query_returns_a_series(
     assert empty == [], f"queries with no series: {empty}"
     blocked = query(base, "sum by (rule) (indexguard_blocked_collisions_total)")
     assert {r["metric"]["rule"] for r in blocked} == {"private"}  # type: ignore[index]
+
+
+def test_prometheus_scrapes_with_a_metrics_token_when_reading_needs_one(
+    prometheus: tuple[object, Path], make_proxy: MakeProxy, upstream: FakeUpstream,
+) -> None:
+    """deploy/prometheus.yml's basic_auth block, as a real Prometheus uses it."""
+    start, tmp = prometheus
+    secret = "s3cret-scraper-token"
+    config = auth_config(upstream.url)  # anonymous_read: false
+    config["auth"]["tokens"].append({"name": "prometheus", "scopes": ["metrics"],
+                                     "sha256": hashlib.sha256(secret.encode()).hexdigest()})
+    proxy = make_proxy(config)
+    password_file = tmp / "indexguard-metrics-token"
+    password_file.write_text(secret + "\n")
+    base = start(f"127.0.0.1:{proxy.port}",  # type: ignore[operator]
+                 {"username": "prometheus", "password_file": str(password_file)})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        up = query(base, 'up{job="indexguard"}')
+        if up and up[0]["value"][1] == "1":  # type: ignore[index]
+            break
+        time.sleep(0.5)
+    assert up and up[0]["value"][1] == "1", up  # type: ignore[index]
+    assert query(base, "indexguard_http_requests_total")
 
 
 def test_promtool_accepts_the_deploy_scrape_config() -> None:
