@@ -229,8 +229,20 @@ def _reload(app: web.Application) -> None:
                   extra={"problems": exc.problems})
         return
     old = live.current
-    for key in ("listen", "data_dir", "workers"):
-        if getattr(new, key) != getattr(old, key):
+    # What is read once at start; everything else applies to the next request
+    # (listen.trusted_proxies included).
+    at_start = {
+        "listen.host": (old.listen.host, new.listen.host),
+        "listen.port": (old.listen.port, new.listen.port),
+        "listen.max_connections": (old.listen.max_connections, new.listen.max_connections),
+        "data_dir": (old.data_dir, new.data_dir),
+        "workers": (old.workers, new.workers),
+        "cache.max_bytes": (old.cache.max_bytes, new.cache.max_bytes),
+        "cache.memory_pages": (old.cache.memory_pages, new.cache.memory_pages),
+        "log.access_log": (old.log.access_log, new.log.access_log),
+    }
+    for key, (was, now) in at_start.items():
+        if was != now:
             log.warning("config change needs a restart", extra={"key": key})
     logging.getLogger().setLevel(new.log.level.upper())
     live.current = new

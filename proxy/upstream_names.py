@@ -317,7 +317,10 @@ class UpstreamNames:
         if current is not None and now - current.fetched_at < config.guard.names_ttl:
             return
         upstream, forward = url_key(config.upstream.url), config.upstream.forward
-        retry = min(RETRY_AFTER_FAILURE, config.guard.names_ttl)
+        # With no list at all, uploads under upload_collision: reject wait on it:
+        # ask again as soon as the upstream's outage backoff allows.
+        retry = (config.upstream.backoff if current is None
+                 else min(RETRY_AFTER_FAILURE, config.guard.names_ttl))
         if self._tried is not None and self._tried[:2] == (upstream, forward) and (
             now - self._tried[2] < retry
         ):

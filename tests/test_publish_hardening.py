@@ -544,9 +544,11 @@ def test_reject_fails_closed_when_upstream_cannot_say(
 ) -> None:
     flask_up = build_wheel(artifacts_dir / "up", "flask", "3.0")
     upstream.add(flask_up)
-    proxy = make_proxy(_config(upstream, guard={"upload_collision": "reject"}))
-    mine = build_wheel(artifacts_dir / "acme", "acme-lib", "1.0")
-    assert _upload(proxy, mine, "acme-lib", "1.0").status == 200  # while upstream answers
+    # backoff 0: with no project list, the next upload asks for it again at once.
+    config = _config(upstream, guard={"upload_collision": "reject"})
+    config["upstream"]["backoff"] = 0
+    proxy = make_proxy(config)
+    # Upstream fails before the proxy ever had its project list: it cannot say.
     upstream.fault("status", code=503)
     shadow = build_wheel(artifacts_dir, "flask", "99.0")
     result = twine_upload(proxy.url + "/", [shadow], WRITER, WRITER_SECRET)
@@ -554,9 +556,6 @@ def test_reject_fails_closed_when_upstream_cannot_say(
     assert result.returncode != 0 and "503" in said, said
     assert "Cannot check whether flask exists on the upstream index" in said
     assert not (proxy.data_dir / "private" / "flask").exists()
-    # A name that is private already needs no upstream answer.
-    more = build_wheel(artifacts_dir / "acme", "acme-lib", "1.1")
-    assert _upload(proxy, more, "acme-lib", "1.1").status == 200
     # Not remembered: once upstream answers, flask is refused for what it is,
     # a new name is accepted, and flask stays the public one.
     upstream.fault(None)
@@ -565,6 +564,10 @@ def test_reject_fails_closed_when_upstream_cannot_say(
     fresh = build_wheel(artifacts_dir, "acme-fresh", "0.1")
     assert _upload(proxy, fresh, "acme-fresh", "0.1").status == 200
     assert _files(proxy, "flask") == {flask_up.name: sha256_file(flask_up)}
+    # A name that is private already needs no upstream answer.
+    upstream.fault("status", code=503)
+    more = build_wheel(artifacts_dir / "acme", "acme-fresh", "0.2")
+    assert _upload(proxy, more, "acme-fresh", "0.2").status == 200
 
 
 def test_warn_accepts_but_logs_that_it_could_not_check(
