@@ -16,12 +16,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from packaging.utils import NormalizedName
+from yarl import URL
 
-from .cache import ArtifactCache
+from .cache import ArtifactCache, open_sized
 from .config import Config
 from .dists import METADATA_SUFFIX
 from .download import Download
@@ -32,7 +32,7 @@ from .model import ProjectPage
 from .pagecache import CachedPage, PageCache
 from .simple_api import Format, PageParseError, parse_page, render, upstream_page_url
 from .store import PrivateStore
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, refusal
 
 log = logging.getLogger("indexguard.index")
 guard_log = logging.getLogger("indexguard.guard")
@@ -42,6 +42,9 @@ Source = Literal["private", "cache", "upstream"]
 # again, so an outage costs one timeout, not one per request.
 FAILURE_BACKOFF = 15.0
 _GZIP_MIN = 512
+# A `.metadata` file from upstream, as for uploads (publish.MAX_METADATA_BYTES):
+# its page gives no size, so this bounds the transfer.
+MAX_UPSTREAM_METADATA_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +58,20 @@ class Rendered:
 
 @dataclass(frozen=True, slots=True)
 class LocalFile:
-    path: Path
+    """A file on disk, already open: an eviction or a delete after this point
+    cannot take it from the reader. Whoever gets one closes it."""
+
+    file: IO[bytes]
+    size: int
     source: Source
     sha256: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteFile:
-    download: Download | None  # None for HEAD: answered from the page alone
+    """A file to stream from upstream: start() starts (or joins) its transfer."""
+
+    start: Callable[[], Download]
     size: int | None
     sha256: str
 
@@ -389,9 +398,9 @@ class Index:
 
     async def file(
         self, name: NormalizedName, filename: str, config: Config, client: str,
-        *, head: bool = False,
     ) -> LocalFile | RemoteFile:
-        """Where a file's bytes come from. Raises NotFound, UpstreamUnavailable."""
+        """Where a file's bytes come from: a file already open, or a transfer
+        to start. Raises NotFound, UpstreamUnavailable."""
         is_meta = filename.endswith(METADATA_SUFFIX)
         dist_name = filename[: -len(METADATA_SUFFIX)] if is_meta else filename
         decision = self.decide(name, config, client)
@@ -401,8 +410,13 @@ class Index:
             if entry is None or (is_meta and not entry.has_metadata):
                 raise NotFound(f"No file {filename} in private project {name}")
             hashes = entry.metadata_hashes if is_meta else entry.hashes
-            return LocalFile(self.store.file_path(name, filename), "private",
-                             (hashes or {}).get("sha256"))
+            try:
+                fh, size = await asyncio.to_thread(
+                    open_sized, self.store.file_path(name, filename)
+                )
+            except FileNotFoundError:  # deleted since the page was read
+                raise NotFound(f"No file {filename} in private project {name}") from None
+            return LocalFile(fh, size, "private", (hashes or {}).get("sha256"))
         # A name that became private or reserved after its files were cached is
         # refused here, before the cache is consulted.
         self._refuse_unless_forwarded(name, decision)
@@ -416,20 +430,33 @@ class Index:
             raise NotFound(
                 f"{filename} has no sha256 upstream; the proxy serves verified files only"
             )
-        path = self.artifacts.lookup(sha256)
-        if path is not None:
+        opened = await self.artifacts.open_cached(sha256)
+        if opened is not None:
             self.metrics.count(self.metrics.file_cache, "hit")
-            return LocalFile(path, "cache", sha256)
-        size = None if is_meta else entry.size
-        if head:
-            return RemoteFile(None, size, sha256)
-        joined = self.artifacts.inflight(sha256) is not None
-        self.metrics.count(self.metrics.file_cache, "joined" if joined else "miss")
+            return LocalFile(opened[0], opened[1], "cache", sha256)
         origin = entry.origin + METADATA_SUFFIX if is_meta else entry.origin
-        opener: Callable[[str], Any] = lambda url: self.upstream.open_file(  # noqa: E731
-            url, config.upstream.timeout
-        )
-        return RemoteFile(self.artifacts.download(sha256, origin, size, opener), size, sha256)
+        # Checked again at every hop by the client; here so that a refused
+        # file costs no transfer, for GET and HEAD alike.
+        try:
+            refused = refusal(URL(origin), config.upstream)
+        except ValueError:
+            refused = "refused a URL that does not parse; not fetched"
+        if refused is not None:
+            log.warning("upstream file refused", extra={
+                "project": name, "file": filename, "reason": refused})
+            raise UpstreamUnavailable(f"Upstream URL {refused}")
+        expected = None if is_meta else entry.size
+        limit = MAX_UPSTREAM_METADATA_BYTES if is_meta else None
+
+        def start() -> Download:
+            joined = self.artifacts.inflight(sha256) is not None
+            self.metrics.count(self.metrics.file_cache, "joined" if joined else "miss")
+            opener: Callable[[str], Any] = lambda url: self.upstream.open_file(  # noqa: E731
+                url, config.upstream.timeout
+            )
+            return self.artifacts.download(sha256, origin, expected, opener, limit)
+
+        return RemoteFile(start, expected, sha256)
 
     async def _page_for_file(
         self, name: NormalizedName, filename: str, config: Config
