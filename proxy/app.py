@@ -228,7 +228,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     # The live upstream settings (url, file_hosts, credentials), read per request.
     upstream = UpstreamClient(metrics, f"indexguard/{__version__}", lambda: live.current.upstream)
     index = Index(store, pages, artifacts, upstream, CollisionLedger(), metrics,
-                  config.cache.memory_pages)
+                  config.cache.memory_pages, config.cache.memory_bytes)
     publisher = Publisher(store, metrics, index.upstream_has)
     if swept:
         log.info("removed temp files left by an earlier crash", extra={"count": swept})
