@@ -267,17 +267,19 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
                               metrics)
     await asyncio.to_thread(artifacts.open)
     pages = await asyncio.to_thread(PageCache, data / "cache" / "pages")
-    upstream = UpstreamClient(metrics, f"indexguard/{__version__}")
+    live = LiveConfig(config, config_path)
+    # The live upstream settings (url, file_hosts, credentials), read per request.
+    upstream = UpstreamClient(metrics, f"indexguard/{__version__}", lambda: live.current.upstream)
     names = UpstreamNames(data / "cache" / "upstream-names", data / "tmp", metrics,
                           f"indexguard/{__version__}")
     index = Index(store, pages, artifacts, upstream, CollisionLedger(names, metrics), metrics,
-                  config.cache.memory_pages)
+                  config.cache.memory_pages, config.cache.memory_bytes)
     publisher = Publisher(store, metrics, index.upstream_has)
     if swept:
         log.info("removed temp files left by an earlier crash", extra={"count": swept})
 
     app = web.Application(client_max_size=1024**2)
-    app[CONFIG] = LiveConfig(config, config_path)
+    app[CONFIG] = live
     app[METRICS] = metrics
     app[STORE] = store
     app[INDEX] = index

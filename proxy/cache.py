@@ -6,6 +6,11 @@ unverified can ever be served from here. One download per hash at a time,
 across worker processes too: the worker holding the hash's lock (hashlock.py)
 fetches into tmp/<sha256>.part, the others follow that file (follow.py) until it
 is committed. Least recently used files are evicted.
+
+Bounded in bytes: a transfer takes at most its own limit (the cache size, or
+less), and the transfers in flight at most the cache size between them, page
+size given or not. A reader gets a cached file opened (open_cached): eviction
+cannot take it away from a reader that found it.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import IO, Any
 
 import aiohttp
 
+from .config import redact_url
 from .download import CHUNK, Download
-from .errors import NotFound, ProxyError, UpstreamUnavailable
+from .errors import InsufficientStorage, NotFound, ProxyError, UpstreamUnavailable
 from .follow import follow
 from .fsutil import commit, temp_path
 from .hashlock import HashLocks
@@ -54,6 +60,13 @@ class ArtifactCache:
         # behind, and is empty while nothing is being written.
         self._locks = HashLocks(root.parent / "downloads.lock")
         self._lock_holders: dict[str, Download] = {}
+        # Evicted files whose unlink has not run yet: not found by readers, and
+        # not fetched again until the unlink is done (it would take the new file).
+        self._evicting: dict[str, asyncio.Task[None]] = {}
+        # Bytes this process's transfers may have in tmp/ (their size, or what
+        # arrived so far when none was given), at most max_bytes in total.
+        self._held: dict[Download, int] = {}
+        self._held_bytes = 0
 
     def open(self) -> None:
         """Scan the cache (oldest first) to seed the LRU; remove partial downloads
@@ -114,13 +127,19 @@ class ArtifactCache:
             raise NotFound("No valid sha256 for this file; the proxy serves verified files only")
         return self.root / sha256[:2] / sha256
 
-    def lookup(self, sha256: str) -> Path | None:
-        """The committed file for a hash, or None. Marks it recently used.
+    async def open_cached(self, sha256: str) -> tuple[IO[bytes], int] | None:
+        """The committed file for a hash, open, and its size; None if not cached.
+        Marks it recently used. Raises NotFound for a sha256 that is not 64
+        lowercase hex digits.
 
-        Raises NotFound for a sha256 that is not 64 lowercase hex digits."""
+        Opened, not named: once a reader has it, an eviction (of this process
+        or another worker's) unlinking the name cannot turn it into a 404.
+        """
         path = self.path_for(sha256)
+        if sha256 in self._evicting:
+            return None
         try:
-            size = os.stat(path).st_size
+            fh, size = await asyncio.to_thread(open_sized, path)
         except FileNotFoundError:
             if sha256 in self._lru:
                 self._bytes -= self._lru.pop(sha256)
@@ -128,20 +147,21 @@ class ArtifactCache:
             return None
         if sha256 in self._lru:
             self._lru.move_to_end(sha256)
-        else:  # committed by another worker process
+        elif sha256 not in self._evicting:  # committed by another worker process
             self._lru[sha256] = size
             self._bytes += size
             self._publish()
-        return path
+        return fh, size
 
     def inflight(self, sha256: str) -> Download | None:
         return self._inflight.get(sha256)
 
     def download(
         self, sha256: str, url: str, size_hint: int | None,
-        opener: Callable[[str], Any],
+        opener: Callable[[str], Any], limit: int | None = None,
     ) -> Download:
-        """Start (or join) the single download of url, expected to hash to sha256.
+        """Start (or join) the single download of url, expected to hash to sha256,
+        of at most limit bytes (default and ceiling: max_bytes).
 
         Raises NotFound for a sha256 that could not name a file (see path_for)."""
         self.path_for(sha256)  # names the temp file too: checked before either exists
@@ -152,6 +172,7 @@ class ArtifactCache:
         # byte (the disk failed and its memory window has moved on): a new one,
         # which fetches the file, or follows the worker that already does.
         dl = Download(sha256, self.tmp_dir / f"{sha256}{PART_SUFFIX}", size_hint)
+        dl.limit = self.max_bytes if limit is None else min(limit, self.max_bytes)
         self._inflight[sha256] = dl
         if self._locks.acquire(sha256):
             self._lock_holders[sha256] = dl
@@ -183,7 +204,7 @@ class ArtifactCache:
                 dl.error = UpstreamUnavailable("Upstream file transfer interrupted")
             if dl.error is not None:
                 log.warning("upstream file transfer failed", extra={
-                    "url": url, "reason": dl.error.reason, "received": dl.written,
+                    "url": redact_url(url), "reason": dl.error.reason, "received": dl.written,
                     "follower": True})
             dl.finished = True
             dl.started.set()
@@ -195,6 +216,12 @@ class ArtifactCache:
         sink: Sink | None = None
         verified = committed = False
         try:
+            unlinking = self._evicting.get(dl.sha256)
+            if unlinking is not None:
+                # Fetched again right after its eviction: the pending unlink
+                # would take the new file with it.
+                await asyncio.wait([unlinking])
+            _check_size(dl, dl.total)
             final = self.path_for(dl.sha256)
             size = await asyncio.to_thread(_size_of, final)
             if size is not None:
@@ -204,6 +231,7 @@ class ArtifactCache:
                 verified = committed = True
                 self._admit(dl.sha256, size)
                 return
+            self._hold(dl, dl.total or 0)
             sink = Sink(dl, await self._create_temp(dl, url),
                         lambda exc: self._disk_failed(dl, url, exc))
             async with opener(url) as resp:
@@ -213,6 +241,8 @@ class ArtifactCache:
                         f"Upstream announced {length} bytes; its page says {dl.total}"
                     )
                 if length is not None:
+                    _check_size(dl, length)
+                    self._hold(dl, length)
                     dl.total = length
                 dl.started.set()
                 async for chunk in resp.content.iter_chunked(CHUNK):
@@ -220,6 +250,10 @@ class ArtifactCache:
                         raise UpstreamUnavailable(
                             f"Upstream sent more than the {dl.total} bytes expected"
                         )
+                    if dl.total is None:
+                        # No size from the page or the headers: bounded as it grows.
+                        _check_size(dl, dl.written + len(chunk))
+                        self._hold(dl, dl.written + len(chunk))
                     await sink.feed(chunk)
             await sink.finish()
             if dl.total is not None and dl.written != dl.total:
@@ -228,7 +262,7 @@ class ArtifactCache:
                 )
             if sink.hexdigest() != dl.sha256:
                 self._metrics.hash_mismatches.inc()
-                log.error("hash mismatch", extra={"url": url, "expected": dl.sha256,
+                log.error("hash mismatch", extra={"url": redact_url(url), "expected": dl.sha256,
                                                   "got": sink.hexdigest()})
                 raise UpstreamUnavailable(
                     "Upstream file does not match the sha256 its page declared; refused"
@@ -259,7 +293,7 @@ class ArtifactCache:
                 dl.error = UpstreamUnavailable("Upstream file transfer interrupted")
             if dl.error is not None:
                 log.warning("upstream file transfer failed", extra={
-                    "url": url, "reason": dl.error.reason, "received": dl.written})
+                    "url": redact_url(url), "reason": dl.error.reason, "received": dl.written})
             dl.finished = True
             dl.started.set()
             dl.notify()
@@ -271,9 +305,24 @@ class ArtifactCache:
                         await dl.wait_for_openers(OPENER_GRACE)
                     await asyncio.to_thread(dl.tmp.unlink, True)
             finally:
+                self._held_bytes -= self._held.pop(dl, 0)
                 # Last: followers take "lock free, no final file" as failure, and
                 # a new owner replaces the temp name, so both must be settled.
                 self._release(dl)
+
+    def _hold(self, dl: Download, size: int) -> None:
+        """Count up to size bytes of tmp/ for dl. Raises InsufficientStorage when
+        the transfers in flight would hold more than max_bytes between them."""
+        more = size - self._held.get(dl, 0)
+        if more <= 0:
+            return
+        if self._held_bytes + more > self.max_bytes:
+            raise InsufficientStorage(
+                f"Transfers in flight hold {self._held_bytes} bytes; this file would take "
+                f"them over cache.max_bytes ({self.max_bytes}); try again later"
+            )
+        self._held[dl] = size
+        self._held_bytes += more
 
     async def _create_temp(self, dl: Download, url: str) -> IO[bytes] | None:
         try:
@@ -291,7 +340,7 @@ class ArtifactCache:
             # The bytes are in the page cache, where readers read them; they
             # just cannot be trusted to be on disk: serve, not cache.
             log.warning("cache disk failed; file served but not cached",
-                        extra={"url": url, "error": exc.strerror})
+                        extra={"url": redact_url(url), "error": exc.strerror})
             return False
         return True
 
@@ -299,7 +348,7 @@ class ArtifactCache:
         """The temp file cannot take more: the sink streams from memory; do not cache."""
         level = logging.WARNING if exc.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
         log.log(level, "cache disk failed; file served but not cached",
-                extra={"url": url, "error": exc.strerror, "on_disk": dl.on_disk})
+                extra={"url": redact_url(url), "error": exc.strerror, "on_disk": dl.on_disk})
         await self._let_go(dl)
 
     async def _let_go(self, dl: Download) -> None:
@@ -332,7 +381,7 @@ class ArtifactCache:
         except OSError as exc:
             dl.final = None
             log.warning("cache commit failed; file served but not cached",
-                        extra={"url": url, "error": exc.strerror})
+                        extra={"url": redact_url(url), "error": exc.strerror})
             return False
         self._admit(dl.sha256, dl.written)
         return True
@@ -346,18 +395,28 @@ class ArtifactCache:
 
     def _evict(self, room: int = 0) -> None:
         """Drop least recently used files until room more bytes fit; the newest stays."""
-        victims: list[Path] = []
+        victims: list[str] = []
         while self._bytes + room > self.max_bytes and len(self._lru) > (0 if room else 1):
             old, old_size = self._lru.popitem(last=False)
             self._bytes -= old_size
-            victims.append(self.path_for(old))
+            victims.append(old)
             self._metrics.cache_evictions.inc()
         self._publish()
         if victims:
             # Readers that already opened a victim keep their descriptor (POSIX).
-            task = asyncio.create_task(asyncio.to_thread(_unlink_all, victims))
+            task = asyncio.create_task(
+                asyncio.to_thread(_unlink_all, [self.path_for(v) for v in victims])
+            )
+            for victim in victims:
+                self._evicting[victim] = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda done: self._unlinked(victims, done))
+
+    def _unlinked(self, victims: list[str], task: asyncio.Task[None]) -> None:
+        for victim in victims:
+            if self._evicting.get(victim) is task:
+                del self._evicting[victim]
 
     async def drain(self, timeout: float) -> bool:
         """Let running downloads finish (graceful shutdown); False if some did not."""
@@ -365,6 +424,24 @@ class ArtifactCache:
             return True
         _done, pending = await asyncio.wait(list(self._tasks), timeout=max(timeout, 0.0))
         return not pending
+
+
+def _check_size(dl: Download, size: int | None) -> None:
+    """Raises UpstreamUnavailable for a file over its transfer's limit."""
+    if size is not None and dl.limit is not None and size > dl.limit:
+        raise UpstreamUnavailable(
+            f"Upstream file is over the {dl.limit} bytes the proxy takes for it; refused"
+        )
+
+
+def open_sized(path: Path) -> tuple[IO[bytes], int]:
+    """A file opened for reading (unbuffered, for sendfile) and its size."""
+    fh = open(path, "rb", buffering=0)  # noqa: SIM115 - the reader closes it
+    try:
+        return fh, os.fstat(fh.fileno()).st_size
+    except OSError:
+        fh.close()
+        raise
 
 
 def _size_of(path: Path) -> int | None:

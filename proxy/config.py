@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 
@@ -22,6 +22,8 @@ SCOPES = ("read", "write", "admin", "metrics")
 COLLISION_POLICIES = ("reject", "warn", "allow")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PUBLIC_PYPI = "https://pypi.org/simple/"
+# Where the public PyPI's pages point for files (upstream.file_hosts' default for it).
+PUBLIC_PYPI_FILES = "files.pythonhosted.org"
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -58,6 +60,7 @@ class Listen:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
+    # Without credentials: safe to log and to build URLs from.
     url: str = PUBLIC_PYPI
     forward: bool = True
     index_ttl: float = 600.0
@@ -68,12 +71,21 @@ class Upstream:
     # After the upstream fails (timeout, refused, 5xx): how long it counts as
     # down for every name; stale pages answer at once, other names get 502.
     backoff: float = 15.0
+    # Hosts besides the upstream's own origin that files (and redirects) may
+    # come from: "host" (its scheme's default port) or "host:port", lowercased.
+    file_hosts: tuple[str, ...] = (PUBLIC_PYPI_FILES,)
+    # (user, password) from the userinfo of the configured url; sent to the
+    # upstream's own origin only. Never printed: kept out of repr.
+    credentials: tuple[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Cache:
     max_bytes: int = 20 * 2**30
     memory_pages: int = 2048
+    # Parsed and rendered pages kept in memory, in bytes (estimated); a page
+    # bigger than this is served but not kept.
+    memory_bytes: int = 256 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +241,72 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 def _url(value: Any) -> str:
     text = _str(value)
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {redact_url(text)!r}")
     return text if text.endswith("/") else text + "/"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any userinfo (credentials) replaced by ***: safe to print."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    if "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{tail}"
+
+
+def split_credentials(url: str) -> tuple[str, tuple[str, str] | None]:
+    """(the URL without userinfo, (user, password) or None); percent-escapes decoded."""
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    bare = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
+    return bare, (unquote(user), unquote(password))
+
+
+def _is_public_pypi(url: str) -> bool:
+    parts = urlsplit(url)
+    return (parts.scheme, parts.hostname, parts.port or 443, parts.path) == (
+        "https", "pypi.org", 443, "/simple/")
+
+
+def _file_hosts(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of host names (host or host:port)")
+    hosts = []
+    for item in value:
+        host = _host_port(item)
+        if host is None:
+            raise ValueError(f"expected a host name or host:port, got {item!r}")
+        hosts.append(host)
+    return tuple(hosts)
+
+
+def _host_port(item: Any) -> str | None:
+    """'Files.Example.org.' -> 'files.example.org'; 'h:8443' and '[::1]:8443' kept
+    with their port. None for anything else (a URL, a path, userinfo, a bad port)."""
+    if not isinstance(item, str) or not item or any(c in item for c in "/@?#\\ \t"):
+        return None
+    try:
+        parts = urlsplit(f"//{item}")
+        port = parts.port
+    except ValueError:
+        return None
+    host = (parts.hostname or "").rstrip(".")
+    if not host or (port is not None and not 0 < port < 65536):
+        return None
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return host if port is None else f"{host}:{port}"
 
 
 def _positive_duration(value: Any) -> float:
@@ -416,9 +490,14 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
                               _optional(_int_range(1, 1_000_000))),
     )
     s = r.section(top.get("upstream", {}), "upstream",
-                  {"url", "forward", "index_ttl", "negative_ttl", "timeout", "backoff"})
+                  {"url", "forward", "index_ttl", "negative_ttl", "timeout", "backoff",
+                   "file_hosts"})
+    url, credentials = split_credentials(r.get(s, "upstream.", "url", d.upstream.url, _url))
     upstream = Upstream(
-        url=r.get(s, "upstream.", "url", d.upstream.url, _url),
+        url=url,
+        credentials=credentials,
+        file_hosts=r.get(s, "upstream.", "file_hosts",
+                         d.upstream.file_hosts if _is_public_pypi(url) else (), _file_hosts),
         forward=r.get(s, "upstream.", "forward", d.upstream.forward, _bool),
         index_ttl=r.get(s, "upstream.", "index_ttl", d.upstream.index_ttl, parse_duration),
         negative_ttl=r.get(s, "upstream.", "negative_ttl", d.upstream.negative_ttl,
@@ -426,11 +505,12 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
         timeout=r.get(s, "upstream.", "timeout", d.upstream.timeout, _positive_duration),
         backoff=r.get(s, "upstream.", "backoff", d.upstream.backoff, parse_duration),
     )
-    s = r.section(top.get("cache", {}), "cache", {"max_bytes", "memory_pages"})
+    s = r.section(top.get("cache", {}), "cache", {"max_bytes", "memory_pages", "memory_bytes"})
     cache = Cache(
         max_bytes=r.get(s, "cache.", "max_bytes", d.cache.max_bytes, parse_size),
         memory_pages=r.get(s, "cache.", "memory_pages", d.cache.memory_pages,
                            _int_range(0, 1_000_000)),
+        memory_bytes=r.get(s, "cache.", "memory_bytes", d.cache.memory_bytes, parse_size),
     )
     s = r.section(top.get("limits", {}), "limits", {"max_upload", "idle_timeout"})
     limits = Limits(

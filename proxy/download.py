@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -84,6 +85,8 @@ class Download:
         self.sha256 = sha256
         self.tmp = tmp
         self.total = size_hint
+        # The most bytes this transfer may take (None: no limit of its own).
+        self.limit: int | None = None
         # Bytes readers may have: received, and in memory, the file or the spill.
         self.written = 0
         # Of those, the bytes in the temp file's kernel buffers, where a reader
@@ -174,6 +177,31 @@ class Download:
                 return
             recent.popleft()
             self._recent_bytes -= len(data)
+
+    async def verified(self) -> int:
+        """Until every byte has arrived and matched the sha256: the file's size.
+        Raises the transfer's error."""
+        while True:
+            changed = self._changed
+            if self.finished:
+                break
+            await changed.wait()
+        if self.error is not None:
+            raise self.error
+        return self.written
+
+    @contextlib.contextmanager
+    def kept(self) -> Iterator[None]:
+        """While inside, an uncommitted temp file is not removed (wait_for_openers
+        waits for this holder as for a reader yet to open it); holds no bytes."""
+        holder = _Reader()
+        holder.pos = sys.maxsize  # never the reader a spilling writer waits for
+        self._readers.add(holder)
+        try:
+            yield
+        finally:
+            self._readers.discard(holder)
+            self._progress.set()
 
     def have_file(self, size: int) -> None:
         """Every byte up to size is readable from the file (another worker's, or committed)."""

@@ -2,7 +2,8 @@
 
 Index.rendered() answers a project page, Index.file() a file; both raise the
 errors of errors.py. Rendered pages are kept in memory with their ETag and a
-gzip copy, so a warm page costs a dict lookup.
+gzip copy, so a warm page costs a dict lookup; what memory holds is bounded in
+pages and in bytes (_PageMemory).
 """
 
 from __future__ import annotations
@@ -12,33 +13,42 @@ import dataclasses
 import gzip
 import hashlib
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from packaging.utils import NormalizedName
+from yarl import URL
 
-from .cache import ArtifactCache
+from .cache import ArtifactCache, open_sized
 from .config import Config
 from .dists import METADATA_SUFFIX
 from .download import Download
 from .errors import NotFound, UpstreamUnavailable
 from .guard import CollisionLedger, Decision, decide, matures_at, too_young
 from .metrics import Metrics
-from .model import ProjectPage
+from .model import FileEntry, ProjectPage
 from .pagecache import CachedPage, PageCache
-from .simple_api import Format, PageParseError, parse_page, render, upstream_page_url
+from .simple_api import Format, PageParseError, render, upstream_page_url
+from .simple_api import parse_page as parse_any_page
 from .store import PrivateStore
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, refusal
 
 log = logging.getLogger("indexguard.index")
 guard_log = logging.getLogger("indexguard.guard")
 
 Source = Literal["private", "cache", "upstream"]
 _GZIP_MIN = 512
+# The most files an upstream page may list. A real page reaches the 64 MiB body
+# cap first (PyPI's JSON takes ~450 bytes a file: ~150,000 files); a page of
+# minimal entries could list ~2.5 million, which parsed would take ~1.2 GiB.
+MAX_PAGE_FILES = 250_000
+# A `.metadata` file from upstream, as for uploads (publish.MAX_METADATA_BYTES):
+# its page gives no size, so this bounds the transfer.
+MAX_UPSTREAM_METADATA_BYTES = 16 * 2**20
 
 
 @dataclass(slots=True)
@@ -68,16 +78,158 @@ class Rendered:
 
 @dataclass(frozen=True, slots=True)
 class LocalFile:
-    path: Path
+    """A file on disk, already open: an eviction or a delete after this point
+    cannot take it from the reader. Whoever gets one closes it."""
+
+    file: IO[bytes]
+    size: int
     source: Source
     sha256: str | None
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteFile:
-    download: Download | None  # None for HEAD: answered from the page alone
+    """A file to stream from upstream: start() starts (or joins) its transfer."""
+
+    start: Callable[[], Download]
     size: int | None
     sha256: str
+
+
+def parse_page(
+    body: bytes, content_type: str, url: str, name: NormalizedName,
+) -> ProjectPage:
+    """simple_api's parser, bounded: a page listing more than MAX_PAGE_FILES
+    files is refused as broken. Raises PageParseError."""
+    page = parse_any_page(body, content_type, url, name)
+    if len(page.files) > MAX_PAGE_FILES:
+        raise PageParseError(
+            f"{len(page.files)} files listed, over the {MAX_PAGE_FILES} the proxy takes"
+        )
+    return page
+
+
+# What a parsed file entry holds besides its strings: set with tracemalloc so
+# that the estimate is 0-25% above what parsed PyPI-like pages really hold
+# (tests/faults/test_hostile_upstream_files.py checks it stays close).
+_FILE_BYTES = 250
+_ITEM_BYTES = 70  # one more entry in a hashes mapping
+
+
+def _str_bytes(text: str | None) -> int:
+    return sys.getsizeof(text) if text else 0
+
+
+def _hashes_bytes(hashes: Any) -> int:
+    if not hashes:
+        return 0
+    return sum(_ITEM_BYTES + _str_bytes(k) + _str_bytes(v) for k, v in hashes.items())
+
+
+def _file_bytes(f: FileEntry) -> int:
+    return (
+        _FILE_BYTES + _str_bytes(f.filename) + _str_bytes(f.origin)
+        + _str_bytes(f.requires_python) + _str_bytes(f.upload_time)
+        + (_str_bytes(f.yanked) if isinstance(f.yanked, str) else 0)
+        + _hashes_bytes(f.hashes) + _hashes_bytes(f.metadata_hashes)
+    )
+
+
+def entry_bytes(entry: CachedPage) -> int:
+    """An estimate of the memory a remembered upstream page holds (about 2 ms
+    for 10,000 files; pages are capped at MAX_PAGE_FILES)."""
+    page = entry.page
+    if page is None:
+        return 200
+    return 400 + sum(map(_file_bytes, page.files)) + sum(
+        60 + _str_bytes(v) for v in page.versions
+    )
+
+
+_Kept = tuple[tuple[object, ...], float, Rendered]
+
+
+class _Held:
+    """What memory holds for one name: its upstream entry and its renderings."""
+
+    __slots__ = ("cost", "entry", "renders")
+
+    def __init__(self) -> None:
+        self.entry: CachedPage | None = None
+        self.renders: dict[str, _Kept] = {}
+        self.cost = 0
+
+
+def _rendered_bytes(rendered: Rendered) -> int:
+    return 300 + len(rendered.body) + len(rendered.gzipped or b"")
+
+
+class _PageMemory:
+    """Upstream entries and rendered pages, least recently used name out first:
+    at most max_names names and max_bytes (estimated) bytes. Something bigger
+    than the whole budget is not kept at all."""
+
+    def __init__(self, max_names: int, max_bytes: int) -> None:
+        self._max_names = max_names
+        self._max_bytes = max_bytes
+        self._names: OrderedDict[str, _Held] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def get(self, name: str) -> CachedPage | None:
+        held = self._names.get(name)
+        if held is None:
+            return None
+        self._names.move_to_end(name)
+        return held.entry
+
+    def put(self, name: str, entry: CachedPage) -> None:
+        """Remember name's upstream entry; renderings of an older one go."""
+        self._drop(name)
+        cost = entry_bytes(entry)
+        if cost > self._max_bytes:
+            return
+        held = self._names[name] = _Held()
+        held.entry, held.cost = entry, cost
+        self.bytes += cost
+        self._shrink()
+
+    def rendered(self, name: str, ctype: str) -> _Kept | None:
+        held = self._names.get(name)
+        kept = held.renders.get(ctype) if held is not None else None
+        if kept is not None:
+            self._names.move_to_end(name)
+        return kept
+
+    def keep_rendered(self, name: str, ctype: str, kept: _Kept) -> None:
+        held = self._names.get(name)
+        if held is None:
+            held = self._names[name] = _Held()
+        old = held.renders.pop(ctype, None)
+        if old is not None:
+            held.cost -= _rendered_bytes(old[2])
+            self.bytes -= _rendered_bytes(old[2])
+        cost = _rendered_bytes(kept[2])
+        if cost <= self._max_bytes:
+            held.renders[ctype] = kept
+            held.cost += cost
+            self.bytes += cost
+        self._names.move_to_end(name)
+        self._shrink()
+
+    def _drop(self, name: str) -> None:
+        held = self._names.pop(name, None)
+        if held is not None:
+            self.bytes -= held.cost
+
+    def _shrink(self) -> None:
+        while self._names and (
+            len(self._names) > self._max_names or self.bytes > self._max_bytes
+        ):
+            _name, held = self._names.popitem(last=False)
+            self.bytes -= held.cost
 
 
 def _render(page: ProjectPage, fmt: Format, ctype: str, source: Source) -> Rendered:
@@ -130,7 +282,7 @@ class Index:
     def __init__(
         self, store: PrivateStore, pages: PageCache, artifacts: ArtifactCache,
         upstream: UpstreamClient, ledger: CollisionLedger, metrics: Metrics,
-        memory_pages: int,
+        memory_pages: int, memory_bytes: int = 256 * 2**20,
     ) -> None:
         self.store = store
         self.pages = pages
@@ -139,10 +291,8 @@ class Index:
         self.ledger = ledger
         self.metrics = metrics
         self._memory_pages = memory_pages
-        self._hot: OrderedDict[str, CachedPage] = OrderedDict()
-        self._rendered: OrderedDict[
-            tuple[str, str], tuple[tuple[object, ...], float, Rendered]
-        ] = OrderedDict()
+        # Upstream entries and rendered pages (renderings only when memory_pages).
+        self._hot = _PageMemory(max(memory_pages, 1), memory_bytes)
         self._flights: dict[str, asyncio.Future[CachedPage]] = {}
         # Per name: a broken page (garbage, too large) backs off that name alone.
         self._backoff: dict[str, float] = {}
@@ -213,12 +363,11 @@ class Index:
         self, key: tuple[str, str], token: tuple[object, ...], now: float,
     ) -> Rendered | None:
         """The page rendered earlier, while `token`'s objects are the same ones."""
-        hit = self._rendered.get(key)
+        hit = self._hot.rendered(*key)
         if (
             hit is not None and now < hit[1] and len(hit[0]) == len(token)
             and all(a is b for a, b in zip(hit[0], token, strict=True))
         ):
-            self._rendered.move_to_end(key)
             return hit[2]
         return None
 
@@ -236,10 +385,7 @@ class Index:
         self, key: tuple[str, str], token: tuple[object, ...], valid_until: float,
         rendered: Rendered,
     ) -> None:
-        self._rendered[key] = (token, valid_until, rendered)
-        self._rendered.move_to_end(key)
-        while len(self._rendered) > self._memory_pages:
-            self._rendered.popitem(last=False)
+        self._hot.keep_rendered(key[0], key[1], (token, valid_until, rendered))
 
     def _visible(self, page: ProjectPage, config: Config, now: float) -> tuple[ProjectPage, float]:
         shown, valid_until, hidden = visible(page, config, now)
@@ -309,10 +455,7 @@ class Index:
         return await asyncio.shield(flight)
 
     def _remember(self, name: str, entry: CachedPage) -> None:
-        self._hot[name] = entry
-        self._hot.move_to_end(name)
-        while len(self._hot) > max(self._memory_pages, 1):
-            self._hot.popitem(last=False)
+        self._hot.put(name, entry)
 
     async def _refresh(
         self, name: NormalizedName, entry: CachedPage | None, config: Config,
@@ -396,9 +539,9 @@ class Index:
 
     async def file(
         self, name: NormalizedName, filename: str, config: Config, client: str,
-        *, head: bool = False,
     ) -> LocalFile | RemoteFile:
-        """Where a file's bytes come from. Raises NotFound, UpstreamUnavailable."""
+        """Where a file's bytes come from: a file already open, or a transfer
+        to start. Raises NotFound, UpstreamUnavailable."""
         is_meta = filename.endswith(METADATA_SUFFIX)
         dist_name = filename[: -len(METADATA_SUFFIX)] if is_meta else filename
         decision = self.decide(name, config, client)
@@ -408,8 +551,13 @@ class Index:
             if entry is None or (is_meta and not entry.has_metadata):
                 raise NotFound(f"No file {filename} in private project {name}")
             hashes = entry.metadata_hashes if is_meta else entry.hashes
-            return LocalFile(self.store.file_path(name, filename), "private",
-                             (hashes or {}).get("sha256"))
+            try:
+                fh, size = await asyncio.to_thread(
+                    open_sized, self.store.file_path(name, filename)
+                )
+            except FileNotFoundError:  # deleted since the page was read
+                raise NotFound(f"No file {filename} in private project {name}") from None
+            return LocalFile(fh, size, "private", (hashes or {}).get("sha256"))
         # A name that became private or reserved after its files were cached is
         # refused here, before the cache is consulted.
         self._refuse_unless_forwarded(name, decision)
@@ -423,20 +571,33 @@ class Index:
             raise NotFound(
                 f"{filename} has no sha256 upstream; the proxy serves verified files only"
             )
-        path = self.artifacts.lookup(sha256)
-        if path is not None:
+        opened = await self.artifacts.open_cached(sha256)
+        if opened is not None:
             self.metrics.count(self.metrics.file_cache, "hit")
-            return LocalFile(path, "cache", sha256)
-        size = None if is_meta else entry.size
-        if head:
-            return RemoteFile(None, size, sha256)
-        joined = self.artifacts.inflight(sha256) is not None
-        self.metrics.count(self.metrics.file_cache, "joined" if joined else "miss")
+            return LocalFile(opened[0], opened[1], "cache", sha256)
         origin = entry.origin + METADATA_SUFFIX if is_meta else entry.origin
-        opener: Callable[[str], Any] = lambda url: self.upstream.open_file(  # noqa: E731
-            url, config.upstream.timeout
-        )
-        return RemoteFile(self.artifacts.download(sha256, origin, size, opener), size, sha256)
+        # Checked again at every hop by the client; here so that a refused
+        # file costs no transfer, for GET and HEAD alike.
+        try:
+            refused = refusal(URL(origin), config.upstream)
+        except ValueError:
+            refused = "refused a URL that does not parse; not fetched"
+        if refused is not None:
+            log.warning("upstream file refused", extra={
+                "project": name, "file": filename, "reason": refused})
+            raise UpstreamUnavailable(f"Upstream URL {refused}")
+        expected = None if is_meta else entry.size
+        limit = MAX_UPSTREAM_METADATA_BYTES if is_meta else None
+
+        def start() -> Download:
+            joined = self.artifacts.inflight(sha256) is not None
+            self.metrics.count(self.metrics.file_cache, "joined" if joined else "miss")
+            opener: Callable[[str], Any] = lambda url: self.upstream.open_file(  # noqa: E731
+                url, config.upstream.timeout
+            )
+            return self.artifacts.download(sha256, origin, expected, opener, limit)
+
+        return RemoteFile(start, expected, sha256)
 
     async def _page_for_file(
         self, name: NormalizedName, filename: str, config: Config

@@ -70,7 +70,7 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "indexguard_upstream_requests", "Requests sent upstream by kind and outcome",
-            # kind: page|file; outcome: ok|not_modified|not_found|error
+            # kind: page|file|names; outcome: ok|not_modified|not_found|error|refused
             ["kind", "outcome"], registry=r,
         )
         self.upstream_latency = Histogram(
@@ -183,7 +183,7 @@ class Metrics:
             self.file_cache.labels(result)
         for kind in ("page", "file"):
             self.upstream_latency.labels(kind)
-            for outcome in ("ok", "not_modified", "not_found", "error"):
+            for outcome in ("ok", "not_modified", "not_found", "error", "refused"):
                 self.upstream_requests.labels(kind, outcome)
         for outcome in ("stored", "duplicate", "rejected", "error"):
             self.uploads.labels(outcome)

@@ -3,6 +3,10 @@
 Every answer is classified as ok / not_modified / not_found / unavailable, after
 simple-repository's rule: 404 means not found, anything else means unavailable
 (so the caller may serve stale). Never raises for what the upstream does.
+
+Every URL it fetches, and every redirect hop (followed here, by hand), must be
+on the upstream's own origin or a host of upstream.file_hosts (`refusal`);
+credentials from upstream.url go to the upstream's own origin only.
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ import logging
 import os
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
+from yarl import URL
 
+from .config import Upstream
 from .errors import NotFound, UpstreamUnavailable
 from .metrics import Metrics
 from .simple_api import UPSTREAM_ACCEPT
@@ -27,6 +33,9 @@ log = logging.getLogger("indexguard.upstream")
 
 Outcome = Literal["ok", "not_modified", "not_found", "unavailable"]
 MAX_PAGE_BYTES = 64 * 2**20  # a 2,000-file PyPI page is ~2 MB; refuse absurd ones
+# As many as pip (requests) follows is 30; PyPI and its CDN need at most one or two.
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +52,50 @@ class PageResponse:
     down: bool = False
 
 
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    return url.scheme, (url.host or "").rstrip("."), url.port
+
+
+def _host_forms(url: URL) -> set[str]:
+    """How upstream.file_hosts may name url's host: "host:port", and plain "host"
+    when the port is its scheme's default."""
+    host = (url.host or "").rstrip(".")
+    if ":" in host:  # IPv6, written in brackets in file_hosts
+        host = f"[{host}]"
+    forms = {f"{host}:{url.port}"}
+    if url.is_default_port():
+        forms.add(host)
+    return forms
+
+
+def refusal(url: URL, upstream: Upstream) -> str | None:
+    """Why the proxy must not fetch url for this upstream; None when it may.
+
+    Allowed: the upstream's own origin (scheme, host, port), or a host listed
+    in upstream.file_hosts; never http once the upstream is https.
+    """
+    if url.scheme not in ("http", "https") or not url.host:
+        return "refused a non-http(s) URL from upstream; not fetched"
+    base = URL(upstream.url)
+    if base.scheme == "https" and url.scheme != "https":
+        return "refused an http URL from an https upstream; not fetched"
+    if _origin(url) == _origin(base) or _host_forms(url) & set(upstream.file_hosts):
+        return None
+    host = sorted(_host_forms(url))[-1]
+    return f"refused {host}: neither the upstream nor in upstream.file_hosts; not fetched"
+
+
+def _credentials(url: URL, upstream: Upstream) -> aiohttp.BasicAuth | None:
+    if upstream.credentials is None or _origin(url) != _origin(URL(upstream.url)):
+        return None
+    user, password = upstream.credentials
+    try:
+        (user + password).encode("latin-1")
+    except UnicodeEncodeError:
+        return aiohttp.BasicAuth(user, password, encoding="utf-8")
+    return aiohttp.BasicAuth(user, password)
+
+
 def _environment_configures_http() -> bool:
     netrc = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     return bool(urllib.request.getproxies()) or os.path.isfile(netrc)
@@ -51,9 +104,13 @@ def _environment_configures_http() -> bool:
 class UpstreamClient:
     """Owns its HTTP session: start() opens it, close() closes it (the app's cleanup_ctx)."""
 
-    def __init__(self, metrics: Metrics, user_agent: str) -> None:
+    def __init__(
+        self, metrics: Metrics, user_agent: str, settings: Callable[[], Upstream] = Upstream,
+    ) -> None:
         self._metrics = metrics
         self._user_agent = user_agent
+        # Read at every request: a reload (SIGHUP) may change url, hosts, credentials.
+        self._settings = settings
         self._client: aiohttp.ClientSession | None = None
         self.last_ok = True
 
@@ -84,8 +141,36 @@ class UpstreamClient:
 
     def _count(self, kind: str, outcome: str) -> None:
         self._metrics.upstream_requests.labels(kind, outcome).inc()
+        if outcome == "refused":
+            return  # a hostile link says nothing about whether upstream is up
         self.last_ok = outcome != "error"
         self._metrics.upstream_up.set(1 if self.last_ok else 0)
+
+    async def _follow(self, url: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """GET url, following redirects by hand: each hop is checked (refusal)
+        before it is connected to, and gets credentials only on the upstream's
+        origin. The caller releases the answer.
+
+        Raises UpstreamUnavailable for a refused hop (only), and what aiohttp
+        raises (ClientError, TooManyRedirects among them, TimeoutError, ValueError).
+        """
+        # Userinfo in a URL from upstream is never used: aiohttp would send it.
+        target = URL(url).with_user(None)
+        for _hop in range(MAX_REDIRECTS + 1):
+            settings = self._settings()
+            reason = refusal(target, settings)
+            if reason is not None:
+                raise UpstreamUnavailable(f"Upstream URL {reason}")
+            resp = await self._session.get(
+                target, allow_redirects=False, auth=_credentials(target, settings), **kwargs
+            )
+            location = resp.headers.get("Location")
+            if resp.status not in _REDIRECTS or location is None:
+                return resp
+            resp.release()
+            target = resp.url.join(URL(location)).with_user(None).with_fragment(None)
+        # As aiohttp would have it: an upstream failure, not a refusal.
+        raise aiohttp.TooManyRedirects(resp.request_info, (resp,))
 
     async def fetch_page(
         self, url: str, timeout: float, etag: str | None = None,
@@ -98,9 +183,8 @@ class UpstreamClient:
             headers["If-Modified-Since"] = last_modified
         started = time.monotonic()
         try:
-            async with self._session.get(
+            async with asyncio.timeout(timeout), await self._follow(
                 url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout),
-                max_redirects=5,
             ) as resp:
                 if resp.status == 304:
                     self._record("page", "not_modified", started)
@@ -137,6 +221,9 @@ class UpstreamClient:
                     etag=resp.headers.get("ETag"),
                     last_modified=resp.headers.get("Last-Modified"),
                 )
+        except UpstreamUnavailable as exc:
+            self._record("page", "refused", started)
+            return PageResponse("unavailable", url, reason=exc.reason)
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             self._record("page", "error", started)
             reason = "upstream timed out" if isinstance(exc, asyncio.TimeoutError) else (
@@ -152,12 +239,15 @@ class UpstreamClient:
         """
         started = time.monotonic()
         try:
-            resp = await self._session.get(
+            resp = await self._follow(
                 url, timeout=aiohttp.ClientTimeout(total=None, connect=timeout, sock_read=timeout),
-                max_redirects=5, auto_decompress=False,
+                auto_decompress=False,
                 # Hashes are over the stored bytes: never let a transfer encoding in.
                 headers={"Accept-Encoding": "identity"},
             )
+        except UpstreamUnavailable:
+            self._record("file", "refused", started)
+            raise
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             self._record("file", "error", started)
             raise UpstreamUnavailable(f"Upstream file fetch failed: {type(exc).__name__}") from None

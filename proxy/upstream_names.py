@@ -394,8 +394,11 @@ class UpstreamNames:
         outcome = "error"
         try:
             # No redirects: the list comes from upstream.url itself, nowhere else.
-            async with self._session.get(config.upstream.url, headers=headers,
-                                         timeout=timeout, allow_redirects=False) as resp:
+            credentials = config.upstream.credentials  # the upstream's own origin only
+            async with self._session.get(
+                config.upstream.url, headers=headers, timeout=timeout, allow_redirects=False,
+                auth=aiohttp.BasicAuth(*credentials) if credentials else None,
+            ) as resp:
                 if resp.status == 304 and current is not None:
                     outcome = "not_modified"
                     fetched_at = await asyncio.to_thread(_touch, self._path)

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from typing import Any
+import re
 from urllib.parse import quote
 
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.web import BaseRequest
 from packaging.utils import NormalizedName
 
 from .dists import name_from_url
@@ -46,6 +43,8 @@ _HTML_HEADERS = {
 
 def _page_headers(content_type: str) -> dict[str, str]:
     return _HTML_HEADERS if "html" in content_type else _NOSNIFF
+# ASCII digits only: \d would take other scripts' digits too.
+_BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 
 
 def _client(request: web.Request) -> str:
@@ -134,6 +133,8 @@ def _content_type(filename: str) -> str:
 
 
 async def dist_file(request: web.Request) -> web.StreamResponse:
+    """A file, cached, private or streamed from upstream; HEAD answers what GET
+    would (status and headers), from the same code path."""
     raw, filename = request.match_info["project"], request.match_info["filename"]
     name = _project_name(raw)
     # Reject traversal and odd names before anything touches the disk.
@@ -141,82 +142,121 @@ async def dist_file(request: web.Request) -> web.StreamResponse:
     if raw != name:
         raise web.HTTPMovedPermanently(f"../{quote(name)}/{quote(filename)}")
     config = request.app[CONFIG].current
-    source = await request.app[INDEX].file(
-        name, filename, config, _client(request), head=request.method == "HEAD"
-    )
+    source = await request.app[INDEX].file(name, filename, config, _client(request))
     metrics = request.app[METRICS]
-    headers = {"Content-Type": _content_type(filename), "Cache-Control": _FILE_CACHE_CONTROL}
-    # The content hash is the strongest validator there is; FileResponse adds its
-    # own mtime-size ETag for cached files, and both answer 304.
-    hash_etag = f'"{source.sha256}"' if source.sha256 else None
-    if hash_etag and _etag_matches(request, (hash_etag,)):
-        return web.Response(status=304, headers={"ETag": hash_etag, **headers})
+    headers = {
+        "Content-Type": _content_type(filename), "Cache-Control": _FILE_CACHE_CONTROL,
+        "Accept-Ranges": "bytes", **_NOSNIFF,
+    }
+    # The content hash is the strongest validator there is, and the same
+    # for a cached file and one still arriving.
+    if source.sha256:
+        headers["ETag"] = f'"{source.sha256}"'
     if isinstance(source, LocalFile):
         request[CACHE_OUTCOME] = source.source
-        # FileResponse: sendfile, Range, and ETag/304 from the file's mtime and size.
-        return _CountedFileResponse(
-            source.path, metrics, source.source, chunk_size=256 * 1024, headers=headers,
-        )
+        try:
+            if _etag_matches(request, (headers.get("ETag", ""),)):
+                return web.Response(status=304, headers=headers)
+            return await _send_file(request, source, headers, metrics)
+        finally:
+            await asyncio.to_thread(source.file.close)
     request[CACHE_OUTCOME] = "upstream"
-    headers["ETag"] = f'"{source.sha256}"'
-    if source.size is not None:
-        headers["Content-Length"] = str(source.size)
-    if source.download is None:  # HEAD of an uncached file: answered from the page
-        return web.Response(headers=headers)
-    return await _stream(request, source.download, headers, metrics)
+    if _etag_matches(request, (headers["ETag"],)):
+        return web.Response(status=304, headers=headers)
+    return await _stream(request, source.start(), headers, metrics)
 
 
-class _CountedFileResponse(web.FileResponse):
-    """Counts the bytes it sends; only prepare() knows the status and range."""
+def parse_range(header: str, total: int) -> tuple[int, int] | None:
+    """[start, stop) of a Range header within a file of total bytes; None when
+    it is not one satisfiable byte range (a 416), as RFC 9110 14.1.2 has it: a
+    suffix of 0 bytes ("bytes=-0"), a first byte past the end, a last byte
+    before the first, or anything that is not "bytes=first-last" (aiohttp's
+    FileResponse refuses multiple ranges and other units alike)."""
+    m = _BYTE_RANGE.fullmatch(header.strip())
+    if m is None or not (m[1] or m[2]):
+        return None
+    if not m[1]:  # a suffix: the last n bytes
+        n = int(m[2])
+        return (max(total - n, 0), total) if n > 0 and total > 0 else None
+    start = int(m[1])
+    if m[2] and int(m[2]) < start:
+        return None
+    stop = min(int(m[2]) + 1, total) if m[2] else total
+    return (start, stop) if start < total else None
 
-    def __init__(self, path: Path, metrics: Metrics, source: str, **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self._metrics = metrics
-        self._source = source
 
-    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
-        writer = await super().prepare(request)
-        if request.method != "HEAD" and self.status in (200, 206):
-            self._metrics.count(
-                self._metrics.bytes_served, self._source, amount=self.content_length or 0
-            )
-        return writer
+def _wants_range(request: web.Request, etag: str | None) -> bool:
+    """A Range to honour: there is one, and If-Range (if any) names our ETag.
+    A date in If-Range never matches: the hash is the only validator here."""
+    if "Range" not in request.headers:
+        return False
+    if_range = request.headers.get("If-Range")
+    return if_range is None or (etag is not None and if_range.strip() == etag)
 
 
-def byte_range(wanted: slice, total: int) -> tuple[int, int] | None:
-    """[start, stop) of a parsed Range header (aiohttp's http_range) within a
-    file of total bytes, None if no byte of it is in the file; as FileResponse
-    reads it, so a cached and an uncached file answer a Range alike."""
-    start, stop = wanted.start, wanted.stop
-    if start is None:
-        return None if stop is None else (0, min(stop, total))
-    if start < 0:  # a suffix: the last -start bytes
-        start = max(total + start, 0)
-    stop = total if stop is None else min(stop, total)
-    return (start, stop) if start < stop else None
+def _unsatisfiable(headers: dict[str, str], total: int) -> web.Response:
+    # Said, not left to aiohttp: it says it for GET only, and HEAD must agree.
+    headers["Content-Length"] = "0"
+    headers["Content-Range"] = f"bytes */{total}"
+    return web.Response(status=416, headers=headers)
+
+
+async def _send_file(
+    request: web.Request, local: LocalFile, headers: dict[str, str], metrics: Metrics,
+) -> web.StreamResponse:
+    """A file already open (see Index.file): 200, 206 or 416; sendfile."""
+    status, start, stop = 200, 0, local.size
+    if _wants_range(request, headers.get("ETag")):
+        wanted = parse_range(request.headers["Range"], local.size)
+        if wanted is None:
+            return _unsatisfiable(headers, local.size)
+        (start, stop), status = wanted, 206
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{local.size}"
+    headers["Content-Length"] = str(stop - start)
+    response = web.StreamResponse(status=status, headers=headers)
+    await response.prepare(request)
+    if request.method != "HEAD" and stop > start:
+        transport = request.transport
+        if transport is None:
+            return response
+        try:
+            await asyncio.get_running_loop().sendfile(transport, local.file, start, stop - start)
+        except (OSError, RuntimeError):
+            # The client went away (RuntimeError: the transport is closing).
+            transport.abort()
+            return response
+        metrics.count(metrics.bytes_served, local.source, amount=stop - start)
+    await response.write_eof()
+    return response
 
 
 async def _stream(
     request: web.Request, download: Download, headers: dict[str, str], metrics: Metrics,
 ) -> web.StreamResponse:
-    status, start, stop = 200, 0, None
     await download.started.wait()  # upstream has answered: the size is known, if ever
-    if "Range" in request.headers:
-        # A Range on a file still arriving (uv reads wheels' metadata so, and a
-        # request can land between the last byte and the cache commit) gets
-        # the same 206 or 416 as a cached file would.
-        total = download.total
-        if total is not None:
-            try:
-                wanted = byte_range(request.http_range, total)
-            except ValueError:
-                wanted = None
+    if _wants_range(request, headers.get("ETag")) and download.on_disk is None:
+        # A Range on a file still arriving (uv reads wheels' metadata so) is
+        # answered once the whole file is verified, from the bytes the
+        # transfer keeps, as a cached file would be: never a byte before
+        # the hash matched. A transfer whose disk failed keeps no such
+        # bytes: it answers 200 with the whole stream (below), which a client
+        # asking for a range must accept (RFC 9110 14.2).
+        with download.kept():
+            total = await download.verified()  # its error: a clean 4xx/5xx
+            wanted = parse_range(request.headers["Range"], total)
             if wanted is None:
-                headers.pop("Content-Length", None)
-                headers["Content-Range"] = f"bytes */{total}"
-                return web.Response(status=416, headers=headers)
-            (start, stop), status = wanted, 206
+                return _unsatisfiable(headers, total)
+            start, stop = wanted
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
+            return await _send_chunks(request, download, (start, stop), 206, headers, metrics)
+    return await _send_chunks(request, download, (0, None), 200, headers, metrics)
+
+
+async def _send_chunks(
+    request: web.Request, download: Download, span: tuple[int, int | None], status: int,
+    headers: dict[str, str], metrics: Metrics,
+) -> web.StreamResponse:
+    start, stop = span
     # sendfile needs the body unframed: a known length, no chunked encoding.
     length = (stop - start) if stop is not None else download.total
     chunks = download.chunks(start, stop, spans=length is not None)
@@ -226,6 +266,9 @@ async def _stream(
             headers["Content-Length"] = str(length)
         response = web.StreamResponse(status=status, headers=headers)
         await response.prepare(request)
+        if request.method == "HEAD":
+            await response.write_eof()
+            return response
         sent = 0
         try:
             piece = first

@@ -6,6 +6,7 @@ Scripted faults (errors, stalls, broken bodies) let tests drive the proxy's fail
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import hashlib
 import json
@@ -62,8 +63,12 @@ def _project_of(filename: str) -> tuple[NormalizedName, Version]:
 class FakeUpstream:
     """A real aiohttp simple index; start()/stop() can be repeated on the same port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, require_auth: tuple[str, str] | None = None,
+    ) -> None:
         self._port = port
+        # Opt-in: every request without these Basic credentials gets a 401.
+        self.require_auth = require_auth
         self._lock = threading.Lock()
         self._files: dict[str, UpstreamFile] = {}
         self._requests: list[tuple[str, str]] = []
@@ -309,6 +314,12 @@ class FakeUpstream:
             with self._lock:
                 self._requests.append((request.method, request.path))
                 scripted = self._scripted.get(request.path)
+            if self.require_auth is not None:
+                user, password = self.require_auth
+                wanted = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+                if request.headers.get("Authorization") != wanted:
+                    return web.Response(status=401, text="credentials required\n",
+                                        headers={"WWW-Authenticate": 'Basic realm="fake"'})
             if scripted is not None:
                 status, headers, raw = scripted
                 return web.Response(status=status, headers=headers, body=raw)
