@@ -60,6 +60,8 @@ class ArtifactCache:
         # behind, and is empty while nothing is being written.
         self._locks = HashLocks(root.parent / "downloads.lock")
         self._lock_holders: dict[str, Download] = {}
+        # Set when this process's transfer of a hash lets go of the hash's lock.
+        self._let_go_events: dict[str, asyncio.Event] = {}
         # Evicted files whose unlink has not run yet: not found by readers, and
         # not fetched again until the unlink is done (it would take the new file).
         self._evicting: dict[str, asyncio.Task[None]] = {}
@@ -174,21 +176,37 @@ class ArtifactCache:
         dl = Download(sha256, self.tmp_dir / f"{sha256}{PART_SUFFIX}", size_hint)
         dl.limit = self.max_bytes if limit is None else min(limit, self.max_bytes)
         self._inflight[sha256] = dl
-        if self._locks.acquire(sha256):
-            self._lock_holders[sha256] = dl
-            work = self._run(dl, url, opener)
-        else:
-            dl.final = self.path_for(sha256)
-            work = self._follow(dl, url)
-        task = asyncio.create_task(work)
+        task = asyncio.create_task(
+            self._start(dl, url, opener, self._let_go_events.get(sha256))
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return dl
+
+    async def _start(
+        self, dl: Download, url: str, opener: Callable[[str], Any],
+        previous: asyncio.Event | None,
+    ) -> None:
+        if previous is not None:
+            # This process's earlier transfer of the hash (failed, or waiting for
+            # late readers) still holds the lock: following ourselves would only
+            # inherit its end. Fetch once it has let go.
+            await previous.wait()
+        if self._locks.acquire(dl.sha256):
+            self._lock_holders[dl.sha256] = dl
+            self._let_go_events[dl.sha256] = asyncio.Event()
+            await self._run(dl, url, opener)
+        else:
+            dl.final = self.path_for(dl.sha256)
+            await self._follow(dl, url)
 
     def _release(self, dl: Download) -> None:
         if self._lock_holders.get(dl.sha256) is dl:
             del self._lock_holders[dl.sha256]
             self._locks.release(dl.sha256)
+            event = self._let_go_events.pop(dl.sha256, None)
+            if event is not None:
+                event.set()
 
     async def _follow(self, dl: Download, url: str) -> None:
         done = False
@@ -272,6 +290,9 @@ class ArtifactCache:
                 # Room first, so the cache is within bounds by the time a client
                 # has the whole file, as it was when commit came first.
                 self._evict(room=dl.written)
+                # Its bytes now count as the cache's (the rename takes no room),
+                # so the next transfer need not wait for this one's fsync.
+                self._held_bytes -= self._held.pop(dl, 0)
             # Readers need the bytes verified, not durable: every byte is in the
             # kernel already (the file is unbuffered), so the last one goes out
             # now and the fsync and rename follow while clients finish reading.
