@@ -268,7 +268,8 @@ def test_range_requests_on_a_file_still_arriving_and_once_cached(
     upstream.add(big, with_metadata=False)
     data = big.read_bytes()
     size = len(data)
-    proxy = make_proxy({"upstream": {"url": upstream.url}})
+    # A timeout well past the stall: the transfer must survive it.
+    proxy = make_proxy({"upstream": {"url": upstream.url, "timeout": 15}})
     url = f"{proxy.url}/files/ranged/{big.name}"
     # Upstream sends the first half, then stalls: the transfer is in flight
     # for as long as the stall lasts.
