@@ -23,13 +23,15 @@ from .cache import ArtifactCache
 from .config import Config, ConfigError, load_config
 from .errors import NotFound, ProxyError, Unauthorized
 from .guard import CollisionLedger
-from .index import Index
 from .login_limit import FailureLimit
 from .logs import TOKEN_NAME
 from .metrics import FLUSH_INTERVAL, Metrics
+from .mirror import Mirror
+from .page_memory import PageMemory
 from .pagecache import PageCache
 from .publish import Publisher
-from .state import AUTH, CONFIG, INDEX, METRICS, PUBLISHER, STORE, LiveConfig
+from .reader import Reader
+from .state import AUTH, CONFIG, METRICS, PUBLISHER, READER, STORE, LiveConfig
 from .store import PrivateStore
 from .upstream import UpstreamClient
 from .upstream_names import UpstreamNames
@@ -272,9 +274,14 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     upstream = UpstreamClient(metrics, f"indexguard/{__version__}", lambda: live.current.upstream)
     names = UpstreamNames(data / "cache" / "upstream-names", data / "tmp", metrics,
                           f"indexguard/{__version__}")
-    index = Index(store, pages, artifacts, upstream, CollisionLedger(names, metrics), metrics,
-                  config.cache.memory_pages, config.cache.memory_bytes)
-    publisher = Publisher(store, metrics, index.upstream_has)
+    ledger = CollisionLedger(names, metrics)
+    # Upstream entries and rendered pages share one budget (renderings only
+    # when memory_pages is above 0).
+    memory = PageMemory(max(config.cache.memory_pages, 1), config.cache.memory_bytes)
+    keep_renders = config.cache.memory_pages > 0
+    mirror = Mirror(upstream, pages, artifacts, memory, ledger, metrics, keep_renders)
+    reader = Reader(store, mirror, memory, ledger, metrics, keep_renders)
+    publisher = Publisher(store, metrics, reader.upstream_has)
     if swept:
         log.info("removed temp files left by an earlier crash", extra={"count": swept})
 
@@ -282,7 +289,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     app[CONFIG] = live
     app[METRICS] = metrics
     app[STORE] = store
-    app[INDEX] = index
+    app[READER] = reader
     app[PUBLISHER] = publisher
     failures = FailureLimit(data / "auth-failures.sqlite3")
     await asyncio.to_thread(failures.open)
@@ -310,7 +317,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         artifacts.close()
         await names.close()
         await upstream.close()
-        await index.flush()
+        await reader.flush()
         await asyncio.to_thread(pages.close)
         store.close()
         await asyncio.to_thread(failures.close)

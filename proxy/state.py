@@ -9,9 +9,9 @@ from aiohttp import web
 
 from .auth import Authenticator
 from .config import Config
-from .index import Index
 from .metrics import Metrics
 from .publish import Publisher
+from .reader import Reader
 from .store import PrivateStore
 
 
@@ -26,6 +26,6 @@ class LiveConfig:
 CONFIG = web.AppKey("config", LiveConfig)
 METRICS = web.AppKey("metrics", Metrics)
 STORE = web.AppKey("store", PrivateStore)
-INDEX = web.AppKey("index", Index)
+READER = web.AppKey("reader", Reader)
 PUBLISHER = web.AppKey("publisher", Publisher)
 AUTH = web.AppKey("auth", Authenticator)

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from .dists import normalize_name, parse_version
 from .errors import BadRequest
-from .state import CONFIG, INDEX, STORE
+from .state import CONFIG, READER, STORE
 
 
 async def _reason(request: web.Request) -> str:
@@ -69,7 +69,7 @@ async def release(request: web.Request) -> web.Response:
 
 async def guard_report(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
-    index = request.app[INDEX]
+    index = request.app[READER]
     return web.json_response({
         "private_only": list(config.guard.private_only),
         "allow_shadow": list(config.guard.allow_shadow),

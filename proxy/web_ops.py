@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__
-from .state import CONFIG, INDEX, METRICS
+from .state import CONFIG, METRICS, READER
 
 
 async def health(request: web.Request) -> web.Response:
@@ -17,7 +17,7 @@ async def health(request: web.Request) -> web.Response:
         "status": "ok",
         "version": __version__,
         "forward": config.upstream.forward,
-        "upstream_up": request.app[INDEX].upstream.last_ok,
+        "upstream_up": request.app[READER].mirror.client.last_ok,
         "time": time.time(),
     })
 

@@ -13,15 +13,15 @@ from urllib.parse import quote
 from aiohttp import web
 from packaging.utils import NormalizedName
 
+from .answers import LocalFile, Rendered
 from .dists import name_from_url
 from .download import Download, FileSpan
 from .errors import NotFound, ProxyError
 from .fsutil import safe_join
-from .index import LocalFile, Rendered
 from .logs import CACHE_OUTCOME
 from .metrics import Metrics
 from .simple_api import negotiate, render_root_html, render_root_json
-from .state import CONFIG, INDEX, METRICS
+from .state import CONFIG, METRICS, READER
 
 log = logging.getLogger("indexguard.web")
 
@@ -102,7 +102,7 @@ def _normalized_or_redirect(request: web.Request, raw: str, suffix: str) -> Norm
 
 async def root(request: web.Request) -> web.StreamResponse:
     fmt, ctype = negotiate(request.headers.get("Accept"), request.query.get("format"))
-    names = await request.app[INDEX].root_names()
+    names = await request.app[READER].root_names()
     body = render_root_json(names) if fmt == "json" else render_root_html(names)
     return web.Response(body=body, headers={
         "Content-Type": f"{ctype}; charset=utf-8" if fmt == "html" else ctype,
@@ -114,7 +114,7 @@ async def project(request: web.Request) -> web.StreamResponse:
     name = _normalized_or_redirect(request, request.match_info["project"], "/")
     config = request.app[CONFIG].current
     fmt, ctype = negotiate(request.headers.get("Accept"), request.query.get("format"))
-    page = await request.app[INDEX].rendered(name, fmt, ctype, config, _client(request))
+    page = await request.app[READER].rendered(name, fmt, ctype, config, _client(request))
     return respond_page(request, page)
 
 
@@ -138,11 +138,11 @@ async def dist_file(request: web.Request) -> web.StreamResponse:
     raw, filename = request.match_info["project"], request.match_info["filename"]
     name = _project_name(raw)
     # Reject traversal and odd names before anything touches the disk.
-    safe_join(request.app[INDEX].store.root, name, filename)
+    safe_join(request.app[READER].store.root, name, filename)
     if raw != name:
         raise web.HTTPMovedPermanently(f"../{quote(name)}/{quote(filename)}")
     config = request.app[CONFIG].current
-    source = await request.app[INDEX].file(name, filename, config, _client(request))
+    source = await request.app[READER].file(name, filename, config, _client(request))
     metrics = request.app[METRICS]
     headers = {
         "Content-Type": _content_type(filename), "Cache-Control": _FILE_CACHE_CONTROL,

@@ -23,10 +23,12 @@ import orjson
 import pytest
 from yarl import URL
 
+from proxy.answers import Rendered
 from proxy.config import Upstream, build_config
 from proxy.download import CHUNK
-from proxy.index import MAX_PAGE_FILES, Rendered, _PageMemory, entry_bytes
+from proxy.mirror import MAX_PAGE_FILES
 from proxy.model import FileEntry, ProjectPage
+from proxy.page_memory import PageMemory, entry_bytes
 from proxy.pagecache import CachedPage
 from proxy.upstream import refusal
 from proxy.web_simple import parse_range
@@ -394,7 +396,7 @@ def test_page_memory_is_bounded_in_bytes_and_skips_what_cannot_fit() -> None:
     small, big = _pypi_like(10), _pypi_like(2000)
     budget = 3 * entry_bytes(small) + entry_bytes(small) // 2
     assert entry_bytes(big) > budget
-    memory = _PageMemory(max_names=1000, max_bytes=budget)
+    memory = PageMemory(max_names=1000, max_bytes=budget)
     memory.put("big", big)
     assert memory.get("big") is None and memory.bytes == 0  # bigger than the budget
     for i in range(10):
