@@ -22,7 +22,7 @@ from yarl import URL
 
 from .answers import LocalFile, Prerendered, RemoteFile, render_page, visible
 from .cache import ArtifactCache
-from .config import Config
+from .config import Config, Upstream
 from .dists import METADATA_SUFFIX
 from .download import Download
 from .errors import NotFound, UpstreamUnavailable
@@ -87,13 +87,31 @@ def _parse_and_render(
                              render_page(shown, fmt, ctype, "upstream"))
 
 
+# The settings of one upstream, read from the live config on every use (SIGHUP
+# swaps the config whole).
+Settings = Callable[[Config], Upstream]
+
+
+def _legacy_settings(config: Config) -> Upstream:
+    return config.upstream
+
+
 class Mirror:
-    """One upstream: owns its page fetches, outage state and served names."""
+    """One upstream: owns its page fetches, outage state and served names.
+
+    `prefix` namespaces its keys in the page cache and in memory, so that two
+    upstreams never answer for each other ("" for the one upstream of a config
+    without `upstreams`: pages cached by earlier versions stay valid).
+    """
 
     def __init__(
         self, client: UpstreamClient, pages: PageCache, artifacts: ArtifactCache,
         memory: PageMemory, ledger: CollisionLedger, metrics: Metrics, keep_renders: bool,
+        *, name: str = "pypi", prefix: str = "", settings: Settings = _legacy_settings,
     ) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.settings = settings
         self.client = client
         self.pages = pages
         self.artifacts = artifacts
@@ -110,14 +128,18 @@ class Mirror:
 
     # --- pages -------------------------------------------------------------------
 
+    def key(self, name: str) -> str:
+        """Where this upstream's page of a name is kept (page cache, memory)."""
+        return self.prefix + name
+
     def fresh_in_memory(
         self, name: NormalizedName, config: Config, now: float,
     ) -> CachedPage | None:
         """The warm path: a fresh page in memory, with no coroutine call."""
-        entry = self.memory.get(name)
+        entry = self.memory.get(self.key(name))
         if entry is None or entry.page is None:
             return None
-        if now - entry.fetched_at < config.upstream.index_ttl:
+        if now - entry.fetched_at < self.settings(config).index_ttl:
             self.metrics.count(self.metrics.index_cache, "hit")
             return entry
         return None
@@ -130,15 +152,14 @@ class Mirror:
         parse; each hop is a wake-up of the loop on a cold page's critical path.
 
         Raises UpstreamUnavailable (nothing stale to serve)."""
-        entry = self.memory.get(name)
+        key, settings = self.key(name), self.settings(config)
+        entry = self.memory.get(key)
         if entry is None:
-            entry = await self.pages.get(name)
+            entry = await self.pages.get(key)
             if entry is not None:
-                self.memory.put(name, entry)
+                self.memory.put(key, entry)
         if entry is not None:
-            ttl = config.upstream.index_ttl if entry.page is not None else (
-                config.upstream.negative_ttl
-            )
+            ttl = settings.index_ttl if entry.page is not None else settings.negative_ttl
             now = time.time()
             if now - entry.fetched_at < ttl or (
                 entry.page is not None and now < self._backoff.get(name, 0.0)
@@ -167,10 +188,11 @@ class Mirror:
         self, name: NormalizedName, entry: CachedPage | None, config: Config,
         want: tuple[Format, str] | None = None,
     ) -> CachedPage:
-        url = upstream_page_url(config.upstream.url, name)
+        settings = self.settings(config)
+        url = upstream_page_url(settings.url, name)
         has_page = entry is not None and entry.page is not None
         resp = await self.client.fetch_page(
-            url, config.upstream.timeout,
+            url, settings.timeout,
             etag=entry.etag if has_page and entry else None,
             last_modified=entry.last_modified if has_page and entry else None,
         )
@@ -205,22 +227,22 @@ class Mirror:
         else:
             reason = resp.reason or "upstream unavailable"
             if resp.down:
-                self.outage = Outage(now + config.upstream.backoff, f"upstream down ({reason})")
+                self.outage = Outage(now + settings.backoff, f"upstream down ({reason})")
                 log.warning("upstream marked down", extra={
-                    "reason": reason, "seconds": config.upstream.backoff})
+                    "upstream": self.name, "reason": reason, "seconds": settings.backoff})
             return self._stale_or_fail(name, entry, reason, config, backoff=not resp.down)
         self._backoff.pop(name, None)
-        self.memory.put(name, fresh)
+        self.memory.put(self.key(name), fresh)
         if pre is not None and want is not None and self._keep_renders:
             if pre.hidden:
                 self.metrics.count(self.metrics.min_age_hidden, amount=pre.hidden)
             # Found by the reader's remembered(): same entry, same guard settings.
             self.memory.keep_rendered(
-                name, want[1], ((fresh, config.guard), pre.valid_until, pre.rendered)
+                self.key(name), want[1], ((fresh, config.guard), pre.valid_until, pre.rendered)
             )
         # The page is in memory already; the disk copy (a SQLite write) need not
         # delay the answer. bench/ saw cold pages at 45-56 ms under uv's fan-out.
-        write = asyncio.create_task(self.pages.put(name, fresh))
+        write = asyncio.create_task(self.pages.put(self.key(name), fresh))
         self._writes.add(write)
         write.add_done_callback(self._writes.discard)
         return fresh
@@ -232,7 +254,7 @@ class Mirror:
         if entry is not None and entry.page is not None:
             self.metrics.stale_pages.inc()
             if backoff:
-                self._backoff[name] = time.time() + config.upstream.backoff
+                self._backoff[name] = time.time() + self.settings(config).backoff
             log.warning("serving stale page", extra={"project": name, "reason": reason})
             return entry
         raise UpstreamUnavailable(f"Upstream index unavailable for {name}: {reason}")
@@ -255,7 +277,8 @@ class Mirror:
     ) -> ProjectPage:
         """A page listing the file. Upstream files never change once published,
         so any cached page that lists it will do, fresh or not."""
-        entry = self.memory.get(name) or await self.pages.get(name)
+        key = self.key(name)
+        entry = self.memory.get(key) or await self.pages.get(key)
         if entry is not None and entry.page is not None and entry.page.file(filename):
             return entry.page
         fresh = await self.page(name, config)
@@ -283,7 +306,7 @@ class Mirror:
         # Checked again at every hop by the client; here so that a refused
         # file costs no transfer, for GET and HEAD alike.
         try:
-            refused = refusal(URL(origin), config.upstream)
+            refused = refusal(URL(origin), self.settings(config))
         except ValueError:
             refused = "refused a URL that does not parse; not fetched"
         if refused is not None:
@@ -296,8 +319,9 @@ class Mirror:
         def start() -> Download:
             joined = self.artifacts.inflight(sha256) is not None
             self.metrics.count(self.metrics.file_cache, "joined" if joined else "miss")
+            timeout = self.settings(config).timeout
             opener: Callable[[str], Any] = lambda url: self.client.open_file(  # noqa: E731
-                url, config.upstream.timeout
+                url, timeout
             )
             return self.artifacts.download(sha256, origin, expected, opener, limit)
 

@@ -81,29 +81,32 @@ class Reader:
             return self._remembered(name, ctype, (private,), now) or await self._render(
                 name, fmt, ctype, (private,), private, float("inf"), "private"
             )
+        mirror = self.mirror
         self._refuse_unless_forwarded(name, decision)
         # The warm path makes no coroutine call: a fresh entry in memory, and
         # its page already rendered for this format.
-        entry = self.mirror.fresh_in_memory(name, config, now) or await self.mirror.page(
+        entry = mirror.fresh_in_memory(name, config, now) or await mirror.page(
             name, config, (fmt, ctype)
         )
         upstream_page = entry.page
         if upstream_page is None:
             raise NotFound(f"No project named {name} upstream")
-        self.mirror.note_served(name)
-        # The visible page depends on the entry and on the guard settings (min_age).
+        mirror.note_served(name)
+        # The visible page depends on the entry and on the guard settings (min_age);
+        # it is kept under the mirror's key (the same for every group that reads it).
         token = (entry, config.guard)
-        hit = self._remembered(name, ctype, token, now)
+        key = mirror.key(name)
+        hit = self._remembered(key, ctype, token, now)
         if hit is not None:
             return hit
         page, valid_until = self._visible(upstream_page, config, now)
-        return await self._render(name, fmt, ctype, token, page, valid_until, "upstream")
+        return await self._render(key, fmt, ctype, token, page, valid_until, "upstream")
 
     def _remembered(
-        self, name: str, ctype: str, token: tuple[object, ...], now: float,
+        self, key: str, ctype: str, token: tuple[object, ...], now: float,
     ) -> Rendered | None:
         """The page rendered earlier, while `token`'s objects are the same ones."""
-        hit = self.memory.rendered(name, ctype)
+        hit = self.memory.rendered(key, ctype)
         if (
             hit is not None and now < hit[1] and len(hit[0]) == len(token)
             and all(a is b for a, b in zip(hit[0], token, strict=True))
@@ -112,13 +115,13 @@ class Reader:
         return None
 
     async def _render(
-        self, name: str, fmt: Format, ctype: str, token: tuple[object, ...],
+        self, key: str, fmt: Format, ctype: str, token: tuple[object, ...],
         page: ProjectPage, valid_until: float, source: Source,
     ) -> Rendered:
         # A 2,000-file page takes milliseconds to render and gzip: off the loop.
         rendered = await asyncio.to_thread(render_page, page, fmt, ctype, source)
         if self._keep_renders:
-            self.memory.keep_rendered(name, ctype, (token, valid_until, rendered))
+            self.memory.keep_rendered(key, ctype, (token, valid_until, rendered))
         return rendered
 
     def _visible(self, page: ProjectPage, config: Config, now: float) -> tuple[ProjectPage, float]:
