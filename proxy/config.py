@@ -550,8 +550,7 @@ def _layout(r: _Reader, top: Mapping[str, Any], defaults: UpstreamSpec) -> Layou
 
     projects, gitlab_groups = _gitlab(r, top.get("gitlab"))
     return Layout(
-        indexes=_entries(r, top, "indexes", lambda item, path: IndexSpec(
-            _name(r, item, path), _patterns(r, item, f"{path}.", "owns"))),
+        indexes=_entries(r, top, "indexes", lambda item, path: _index_spec(r, item, path)),
         upstreams=_entries(r, top, "upstreams", upstream_spec),
         groups=_entries(r, top, "groups", lambda item, path: _group_spec(r, item, path)),
         projects=projects,
@@ -607,6 +606,11 @@ def _registry_name(value: Any) -> str:
     if not isinstance(value, str) or not NAME.fullmatch(value):
         raise ValueError(f"expected a name of {NAME_RULE}, got {value!r}")
     return value
+
+
+def _index_spec(r: _Reader, data: Mapping[str, Any], path: str) -> IndexSpec:
+    s = r.section(data, path, {"name", "owns"})
+    return IndexSpec(_name(r, s, path), _patterns(r, s, f"{path}.", "owns"))
 
 
 def _upstream_spec(
