@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 
+from .patterns import witness
 from .registry import (
     LEGACY_UPSTREAM,
     NAME,
@@ -32,7 +33,6 @@ from .registry import (
     Registry,
     UpstreamSpec,
     assemble,
-    witness,
 )
 
 # metrics: read /metrics when anonymous_read is off (it names private projects).

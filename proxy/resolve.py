@@ -12,7 +12,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
-from .registry import GroupSpec, IndexSpec, Registry, UpstreamSpec, first_match
+from .patterns import first_match
+from .registry import GroupSpec, IndexSpec, Registry, UpstreamSpec
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ ORDER = [
     "logs", "index", "publish", "guard", "resolve", "upstream_names", "auth", "login_limit",
     "cache", "pagecache", "follow", "sink",
     "download", "upstream", "metrics", "store", "generation", "hashlock", "fsutil", "config",
-    "registry", "simple_api", "distcheck", "dists", "model", "errors",
+    "registry", "patterns", "simple_api", "distcheck", "dists", "model", "errors",
 ]
 WEB_ALLOWED = {"cli", "app", "state", "logs", "web_simple", "web_upload", "web_admin", "web_ops"}
 

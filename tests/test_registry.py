@@ -17,6 +17,7 @@ from packaging.utils import NormalizedName, canonicalize_name
 
 from proxy.config import Config, ConfigError, Guard, Token, build_config, load_config
 from proxy.guard import decide
+from proxy.patterns import witness
 from proxy.registry import (
     GroupSpec,
     IndexSpec,
@@ -24,7 +25,6 @@ from proxy.registry import (
     ProjectAlias,
     Registry,
     UpstreamSpec,
-    witness,
 )
 from proxy.resolve import (
     ForwardOff,
