@@ -688,23 +688,31 @@ def _gitlab(r: _Reader, raw: Any) -> tuple[tuple[RawAlias, ...], tuple[tuple[str
             if "index" not in entry:
                 r.problems.append(f"{where}.index: required")
             projects.append(RawAlias(
-                str(ident), r.get(entry, f"{where}.", "index", "", _str),
+                ident, r.get(entry, f"{where}.", "index", "", _str),
                 r.get(entry, f"{where}.", "group", None, _str)))
         else:
-            projects.append(RawAlias(str(ident), _one(r, value, where, "", _str)))
-    groups = [(str(ident), _one(r, value, f"gitlab.groups.{ident}", "", _str))
+            projects.append(RawAlias(ident, _one(r, value, where, "", _str)))
+    groups = [(ident, _one(r, value, f"gitlab.groups.{ident}", "", _str))
               for ident, value in _mapping(r, s, "groups").items()]
     return tuple(projects), tuple(groups)
 
 
-def _mapping(r: _Reader, data: Mapping[str, Any], key: str) -> Mapping[Any, Any]:
+def _mapping(r: _Reader, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """gitlab.projects or gitlab.groups, keyed by id as text (YAML reads 42 as a number)."""
     value = data.get(key)
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         r.problems.append(f"gitlab.{key}: expected a mapping of GitLab ids to names")
         return {}
-    return value
+    ids = {}
+    for ident, target in value.items():
+        if isinstance(ident, bool) or not isinstance(ident, str | int):  # `yes:` is True
+            r.problems.append(f"gitlab.{key}.{ident}: expected a numeric id or a path; "
+                              "quote it")
+        else:
+            ids[str(ident)] = target
+    return ids
 
 
 def build_config(raw: Any, source: str = "<embedded default>") -> Config:

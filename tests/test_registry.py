@@ -368,6 +368,8 @@ PROBLEMS: list[tuple[str, dict[str, Any], str]] = [
     ("gitlab path twice", _with(gitlab={"projects": {"acme/x": "platform",
                                                      "Acme/X": "platform"}}),
      "gitlab.projects.Acme/X: 'Acme/X' is given twice"),
+    ("gitlab id read as a boolean", _with(gitlab={"groups": {True: "default"}}),
+     "gitlab.groups.True: expected a numeric id or a path; quote it"),
     ("gitlab unknown key", _with(gitlab={"users": {}}), "gitlab.users: unknown key"),
     ("gitlab projects not a mapping", _with(gitlab={"projects": ["42"]}),
      "gitlab.projects: expected a mapping"),
