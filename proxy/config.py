@@ -6,16 +6,34 @@ Unknown keys are errors. No I/O beyond reading the one file; nothing global.
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
+
+from .patterns import witness
+from .registry import (
+    LEGACY_UPSTREAM,
+    NAME,
+    NAME_RULE,
+    GroupSpec,
+    IndexSpec,
+    Layout,
+    Legacy,
+    Member,
+    RawAlias,
+    Registry,
+    UpstreamSpec,
+    assemble,
+)
 
 # metrics: read /metrics when anonymous_read is off (it names private projects).
 SCOPES = ("read", "write", "admin", "metrics")
@@ -100,6 +118,11 @@ class Token:
     sha256: str
     scopes: frozenset[str]
     expires: dt.date | None = None
+    # fnmatch patterns on index names: where write and admin apply, and which
+    # /i/<index>/ views read covers. Default: every index.
+    indexes: tuple[str, ...] = ("*",)
+    # fnmatch patterns on group names: which groups read covers. Default: all.
+    groups: tuple[str, ...] = ("*",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +162,15 @@ class Config:
     guard: Guard = field(default_factory=Guard)
     log: Log = field(default_factory=Log)
     source: str = "<embedded default>"
+    # The keys indexes, upstreams, groups and gitlab as given (all absent: today's shape).
+    layout: Layout = field(default_factory=Layout)
+    # Derived from layout, upstream and guard, also after dataclasses.replace():
+    # what is left out takes today's shape (index default, upstream pypi, group default).
+    registry: Registry = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        registry = assemble(legacy(self.upstream, self.guard), self.layout, [])
+        object.__setattr__(self, "registry", registry)
 
     @property
     def worker_count(self) -> int:
@@ -409,13 +441,18 @@ def _patterns(r: _Reader, data: Mapping[str, Any], path: str, key: str) -> tuple
     patterns = []
     for i, item in enumerate(items):
         try:
-            patterns.append(normalize_pattern(item))
+            pattern = normalize_pattern(item)
         except ValueError as exc:
             r.problems.append(f"{path}{key}[{i}]: {exc}")
+            continue
+        if witness(pattern) is None:  # e.g. [-]: only '-', which no name is
+            r.problems.append(f"{path}{key}[{i}]: {item!r} can never match a project name")
+            continue
+        patterns.append(pattern)
     return tuple(patterns)
 
 
-def _tokens(r: _Reader, raw: Any) -> tuple[Token, ...]:
+def _tokens(r: _Reader, raw: Any, registry: Registry) -> tuple[Token, ...]:
     if not isinstance(raw, list):
         r.problems.append("auth.tokens: expected a list")
         return ()
@@ -423,13 +460,18 @@ def _tokens(r: _Reader, raw: Any) -> tuple[Token, ...]:
     seen: set[str] = set()
     for i, item in enumerate(raw):
         path = f"auth.tokens[{i}]."
-        entry = r.section(item, f"auth.tokens[{i}]", {"name", "sha256", "scopes", "expires"})
+        entry = r.section(item, f"auth.tokens[{i}]",
+                          {"name", "sha256", "scopes", "expires", "indexes", "groups"})
         if not entry:
             continue
         name = r.get(entry, path, "name", "", _str)
         digest = r.get(entry, path, "sha256", "", _sha256_hex)
         scopes = r.get(entry, path, "scopes", frozenset[str](), _scopes)
         expires = r.get(entry, path, "expires", None, _date)
+        indexes = _name_patterns(r, entry, path, "indexes",
+                                 [i.name for i in registry.indexes], "index")
+        groups = _name_patterns(r, entry, path, "groups",
+                                [g.name for g in registry.groups], "group")
         for key in ("name", "sha256", "scopes"):
             if key not in entry:
                 r.problems.append(f"{path}{key}: required")
@@ -437,8 +479,24 @@ def _tokens(r: _Reader, raw: Any) -> tuple[Token, ...]:
             r.problems.append(f"{path}name: {name!r} is reserved or used twice")
         seen.add(name)
         if name and digest and scopes:
-            tokens.append(Token(name=name, sha256=digest, scopes=scopes, expires=expires))
+            tokens.append(Token(name=name, sha256=digest, scopes=scopes, expires=expires,
+                                indexes=indexes, groups=groups))
     return tuple(tokens)
+
+
+def _name_patterns(
+    r: _Reader, entry: Mapping[str, Any], path: str, key: str, names: list[str], kind: str,
+) -> tuple[str, ...]:
+    """A token's patterns on index or group names (default: all); each must
+    match a configured name, so a typo is refused instead of locking a token out."""
+    if key not in entry:
+        return ("*",)
+    patterns: tuple[str, ...] = r.get(entry, path, key, (), _str_list)
+    for j, pattern in enumerate(patterns):
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            r.problems.append(f"{path}{key}[{j}]: {pattern!r} matches no {kind} "
+                              f"(there are: {', '.join(names)})")
+    return patterns
 
 
 def _sha256_hex(value: Any) -> str:
@@ -469,6 +527,194 @@ def _date(value: Any) -> dt.date:
         raise ValueError(f"expected a date YYYY-MM-DD, got {value!r}") from None
 
 
+# --- indexes, upstreams, groups, gitlab: read here, tied together by registry.assemble ---
+
+def legacy(upstream: Upstream, guard: Guard) -> Legacy:
+    """What upstream.* and guard.* give the registry: upstream pypi, the reserved
+    patterns of every group, the global forwarding toggle."""
+    return Legacy(
+        upstream=UpstreamSpec(
+            name=LEGACY_UPSTREAM, url=upstream.url, credentials=upstream.credentials,
+            file_hosts=upstream.file_hosts, index_ttl=upstream.index_ttl,
+            negative_ttl=upstream.negative_ttl, timeout=upstream.timeout,
+            backoff=upstream.backoff, min_age=guard.min_age,
+        ),
+        reserved=guard.private_only,
+        forward=upstream.forward,
+    )
+
+
+def _layout(r: _Reader, top: Mapping[str, Any], defaults: UpstreamSpec) -> Layout:
+    def upstream_spec(item: Mapping[str, Any], path: str) -> UpstreamSpec:
+        return _upstream_spec(r, item, path, defaults)
+
+    projects, gitlab_groups = _gitlab(r, top.get("gitlab"))
+    return Layout(
+        indexes=_entries(r, top, "indexes", lambda item, path: _index_spec(r, item, path)),
+        upstreams=_entries(r, top, "upstreams", upstream_spec),
+        groups=_entries(r, top, "groups", lambda item, path: _group_spec(r, item, path)),
+        projects=projects,
+        gitlab_groups=gitlab_groups,
+    )
+
+
+def _entries(
+    r: _Reader, top: Mapping[str, Any], key: str,
+    read: Callable[[Mapping[str, Any], str], T],
+) -> tuple[T, ...] | None:
+    """A list of mappings, each read at its own path; None when the key is absent."""
+    raw = top.get(key)
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        r.problems.append(f"{key}: expected a list")
+        return None
+    # Every entry keeps its place, even a broken one (named ""): the checks
+    # in registry.assemble() report paths by position.
+    entries = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            r.problems.append(f"{key}[{i}]: expected a mapping, got {type(item).__name__}")
+            item = _BROKEN
+        entries.append(read(item, f"{key}[{i}]"))
+    return tuple(entries)
+
+
+# Stands in for an entry that is not a mapping (already reported).
+_BROKEN: Mapping[str, Any] = MappingProxyType({})
+
+
+def _name(r: _Reader, data: Mapping[str, Any], path: str) -> str:
+    """An entry's required name; "" when it is missing or bad (reported)."""
+    if data is _BROKEN:
+        return ""
+    if "name" not in data:
+        r.problems.append(f"{path}.name: required")
+        return ""
+    return r.get(data, f"{path}.", "name", "", _registry_name)
+
+
+def _one(r: _Reader, value: Any, path: str, default: T, convert: Callable[[Any], T]) -> T:
+    try:
+        return convert(value)
+    except (ValueError, TypeError) as exc:
+        r.problems.append(f"{path}: {exc}")
+        return default
+
+
+def _registry_name(value: Any) -> str:
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise ValueError(f"expected a name of {NAME_RULE}, got {value!r}")
+    return value
+
+
+def _index_spec(r: _Reader, data: Mapping[str, Any], path: str) -> IndexSpec:
+    s = r.section(data, path, {"name", "owns"})
+    return IndexSpec(_name(r, s, path), _patterns(r, s, f"{path}.", "owns"))
+
+
+def _upstream_spec(
+    r: _Reader, data: Mapping[str, Any], path: str, d: UpstreamSpec,
+) -> UpstreamSpec:
+    s = r.section(data, path, {"name", "url", "not_found", "file_hosts", "index_ttl",
+                               "negative_ttl", "timeout", "backoff", "min_age"})
+    name, p = _name(r, s, path), f"{path}."
+    if "url" not in s and name:
+        r.problems.append(f"{p}url: required")
+    url, credentials = split_credentials(r.get(s, p, "url", "", _url))
+    return UpstreamSpec(
+        name=name, url=url, credentials=credentials,
+        file_hosts=r.get(s, p, "file_hosts",
+                         (PUBLIC_PYPI_FILES,) if _is_public_pypi(url) else (), _file_hosts),
+        not_found=r.get(s, p, "not_found", d.not_found, _statuses),
+        index_ttl=r.get(s, p, "index_ttl", d.index_ttl, parse_duration),
+        negative_ttl=r.get(s, p, "negative_ttl", d.negative_ttl, parse_duration),
+        timeout=r.get(s, p, "timeout", d.timeout, _positive_duration),
+        backoff=r.get(s, p, "backoff", d.backoff, parse_duration),
+        min_age=r.get(s, p, "min_age", d.min_age, _optional_duration),
+    )
+
+
+def _statuses(value: Any) -> frozenset[int]:
+    if (not isinstance(value, list) or not value
+            or not all(type(v) is int and 400 <= v <= 499 for v in value)):
+        raise ValueError(f"expected a list of 4xx statuses such as [403, 404], got {value!r}")
+    return frozenset(value)
+
+
+def _group_spec(r: _Reader, data: Mapping[str, Any], path: str) -> GroupSpec:
+    s = r.section(data, path, {"name", "members", "reserved", "forward"})
+    name, p = _name(r, s, path), f"{path}."
+    raw = s.get("members", [])
+    if not isinstance(raw, list):
+        r.problems.append(f"{p}members: expected a list of {{index: NAME}} or "
+                          "{upstream: NAME, names: [...]}")
+        raw = []
+    return GroupSpec(
+        name=name,
+        members=tuple(_member(r, item, f"{p}members[{k}]") for k, item in enumerate(raw)),
+        reserved=_patterns(r, s, p, "reserved"),
+        forward=r.get(s, p, "forward", True, _bool),
+    )
+
+
+def _member(r: _Reader, item: Any, path: str) -> Member:
+    kinds = [k for k in ("index", "upstream") if isinstance(item, Mapping) and k in item]
+    if len(kinds) != 1:
+        r.problems.append(f"{path}: expected {{index: NAME}} or {{upstream: NAME, names: [...]}}")
+        return Member("index", "")
+    s = r.section(item, path, {"index", "upstream", "names"})
+    if kinds == ["index"]:
+        if "names" in s:
+            r.problems.append(f"{path}.names: only upstream members take names (an index "
+                              "answers for every name it has)")
+        return Member("index", r.get(s, f"{path}.", "index", "", _str))
+    names = _patterns(r, s, f"{path}.", "names") if "names" in s else None
+    if s.get("names") == []:
+        r.problems.append(f"{path}.names: list at least one pattern, or leave names out to "
+                          "ask this upstream about every name")
+    return Member("upstream", r.get(s, f"{path}.", "upstream", "", _str), names)
+
+
+def _gitlab(r: _Reader, raw: Any) -> tuple[tuple[RawAlias, ...], tuple[tuple[str, str], ...]]:
+    if raw is None:
+        return (), ()
+    s = r.section(raw, "gitlab", {"projects", "groups"})
+    projects: list[RawAlias] = []
+    for ident, value in _mapping(r, s, "projects").items():
+        where = f"gitlab.projects.{ident}"
+        if isinstance(value, Mapping):
+            entry = r.section(value, where, {"index", "group"})
+            if "index" not in entry:
+                r.problems.append(f"{where}.index: required")
+            projects.append(RawAlias(
+                ident, r.get(entry, f"{where}.", "index", "", _str),
+                r.get(entry, f"{where}.", "group", None, _str)))
+        else:
+            projects.append(RawAlias(ident, _one(r, value, where, "", _str)))
+    groups = [(ident, _one(r, value, f"gitlab.groups.{ident}", "", _str))
+              for ident, value in _mapping(r, s, "groups").items()]
+    return tuple(projects), tuple(groups)
+
+
+def _mapping(r: _Reader, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """gitlab.projects or gitlab.groups, keyed by id as text (YAML reads 42 as a number)."""
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        r.problems.append(f"gitlab.{key}: expected a mapping of GitLab ids to names")
+        return {}
+    ids = {}
+    for ident, target in value.items():
+        if isinstance(ident, bool) or not isinstance(ident, str | int):  # `yes:` is True
+            r.problems.append(f"gitlab.{key}.{ident}: expected a numeric id or a path; "
+                              "quote it")
+        else:
+            ids[str(ident)] = target
+    return ids
+
+
 def build_config(raw: Any, source: str = "<embedded default>") -> Config:
     """Validate a parsed YAML document. Raises ConfigError listing every problem."""
     problems: list[str] = []
@@ -477,6 +723,7 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
         raw = {}
     top = r.section(raw, "", {
         "listen", "workers", "data_dir", "upstream", "cache", "limits", "auth", "guard", "log",
+        "indexes", "upstreams", "groups", "gitlab",
     })
     d = Config()
 
@@ -518,12 +765,6 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
         idle_timeout=r.get(s, "limits.", "idle_timeout", d.limits.idle_timeout,
                            _positive_duration),
     )
-    s = r.section(top.get("auth", {}), "auth", {"anonymous_read", "realm", "tokens"})
-    auth = Auth(
-        anonymous_read=r.get(s, "auth.", "anonymous_read", d.auth.anonymous_read, _bool),
-        realm=r.get(s, "auth.", "realm", d.auth.realm, _realm),
-        tokens=_tokens(r, s["tokens"]) if "tokens" in s and s["tokens"] is not None else (),
-    )
     s = r.section(top.get("guard", {}), "guard", {
         "private_only", "upload_collision", "allow_shadow", "min_age", "min_age_exempt",
         "names_ttl", "names_max_bytes",
@@ -539,6 +780,22 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
         names_max_bytes=r.get(s, "guard.", "names_max_bytes", d.guard.names_max_bytes,
                               parse_size),
     )
+    raw_upstream = top.get("upstream") or {}
+    if top.get("upstreams") is not None:
+        for key in ("url", "file_hosts"):
+            if isinstance(raw_upstream, Mapping) and key in raw_upstream:
+                problems.append(f"upstream.{key}: give it per upstream under upstreams: "
+                                "(upstream.* holds only their defaults once upstreams: is given)")
+    base = legacy(upstream, guard)
+    layout = _layout(r, top, base.upstream)
+    registry = assemble(base, layout, problems)
+    s = r.section(top.get("auth", {}), "auth", {"anonymous_read", "realm", "tokens"})
+    auth = Auth(
+        anonymous_read=r.get(s, "auth.", "anonymous_read", d.auth.anonymous_read, _bool),
+        realm=r.get(s, "auth.", "realm", d.auth.realm, _realm),
+        tokens=(_tokens(r, s["tokens"], registry)
+                if "tokens" in s and s["tokens"] is not None else ()),
+    )
     s = r.section(top.get("log", {}), "log", {"level", "access_log"})
     log = Log(
         level=r.get(s, "log.", "level", d.log.level, _choice(LOG_LEVELS)),
@@ -551,6 +808,7 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
     return Config(
         listen=listen, workers=workers, data_dir=Path(data_dir), upstream=upstream,
         cache=cache, limits=limits, auth=auth, guard=guard, log=log, source=source,
+        layout=layout,
     )
 
 

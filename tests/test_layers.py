@@ -9,10 +9,10 @@ PROXY = Path(__file__).resolve().parents[1] / "proxy"
 # Top to bottom, the way a request travels; a module may import only later ones.
 ORDER = [
     "__main__", "cli", "app", "web_simple", "web_upload", "web_admin", "web_ops", "state",
-    "logs", "reader", "mirror", "page_memory", "answers", "publish", "guard", "upstream_names",
-    "auth", "login_limit", "cache", "pagecache", "follow", "sink",
+    "logs", "reader", "mirror", "page_memory", "answers", "publish", "guard", "resolve",
+    "upstream_names", "auth", "login_limit", "cache", "pagecache", "follow", "sink",
     "download", "upstream", "metrics", "store", "generation", "hashlock", "fsutil", "config",
-    "simple_api", "distcheck", "dists", "model", "errors",
+    "registry", "patterns", "simple_api", "distcheck", "dists", "model", "errors",
 ]
 WEB_ALLOWED = {"cli", "app", "state", "logs", "web_simple", "web_upload", "web_admin", "web_ops"}
 
