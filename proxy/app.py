@@ -14,6 +14,7 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,7 +22,7 @@ from . import __version__, web_admin, web_ops, web_simple, web_upload
 from .auth import ANONYMOUS, OPEN_SCOPES, Authenticator, client_address
 from .cache import ArtifactCache
 from .config import Config, ConfigError, load_config
-from .errors import NotFound, ProxyError, Unauthorized
+from .errors import NotFound, ProxyError, Unauthorized, UpstreamUnavailable
 from .guard import CollisionLedger
 from .login_limit import FailureLimit
 from .logs import TOKEN_NAME
@@ -31,7 +32,8 @@ from .page_memory import PageMemory
 from .pagecache import PageCache
 from .publish import Publisher
 from .reader import Reader
-from .state import AUTH, CONFIG, METRICS, PUBLISHER, READER, STORE, LiveConfig
+from .registry import LEGACY_INDEX, UpstreamSpec
+from .state import AUTH, CONFIG, IDENTITY, METRICS, PUBLISHERS, READER, STORES, LiveConfig
 from .store import PrivateStore
 from .upstream import UpstreamClient
 from .upstream_names import UpstreamNames
@@ -76,22 +78,38 @@ def _routes(app: web.Application) -> None:
         else:
             app.router.add_route(method, path, wrapped)
 
-    add("GET", "/simple/", web_simple.root, "read")
-    add("GET", "/simple/{project}/", web_simple.project, "read")
-    add("GET", "/simple/{project}", web_simple.project_no_slash, "read")
-    add("GET", "/files/{project}/{filename}", web_simple.dist_file, "read")
-    add("POST", "/", web_upload.upload, "write")
-    add("POST", "/legacy/", web_upload.upload, "write")
-    add("POST", "/legacy", web_upload.upload, "write")  # twine --repository-url .../legacy
+    # The default group at /simple/, every group at /g/<group>/, one index alone
+    # at /i/<index>/; a group's token patterns are checked by the handler.
+    for prefix in ("", "/g/{group}", "/i/{index}"):
+        add("GET", f"{prefix}/simple/", web_simple.root, "read")
+        add("GET", f"{prefix}/simple/{{project}}/", web_simple.project, "read")
+        add("GET", f"{prefix}/simple/{{project}}", web_simple.project_no_slash, "read")
+        add("GET", f"{prefix}/files/{{project}}/{{filename}}", web_simple.dist_file, "read")
+    # Uploads: to the first index at / and /legacy/, to one index under /i/<index>/.
+    for prefix in ("", "/i/{index}"):
+        add("POST", f"{prefix}/", web_upload.upload, "write")
+        add("POST", f"{prefix}/legacy/", web_upload.upload, "write")
+        add("POST", f"{prefix}/legacy", web_upload.upload, "write")  # twine: .../legacy
+    # GitLab's layout (gitlab.projects / gitlab.groups aliases), so that pip.conf,
+    # requirements and .pypirc lines move here by a change of host alone.
+    for base in ("/api/v4/projects/{gl_project}/packages/pypi",
+                 "/api/v4/groups/{gl_group}/-/packages/pypi"):
+        add("GET", f"{base}/simple/", web_simple.root, "read")
+        add("GET", f"{base}/simple/{{project}}/", web_simple.project, "read")
+        add("GET", f"{base}/simple/{{project}}", web_simple.project_no_slash, "read")
+        add("GET", f"{base}/files/{{key}}/{{filename}}", web_simple.gitlab_file, "read")
+    add("POST", "/api/v4/projects/{gl_project}/packages/pypi", web_upload.upload, "write")
     add("GET", "/", web_ops.landing, None)
     add("GET", "/-/health", web_ops.health, None)
     # It names private and reserved projects: as open as reading, or a metrics token.
     add("GET", "/metrics", web_ops.metrics, "metrics")
     add("GET", "/-/guard", web_admin.guard_report, "admin")
-    add("POST", "/-/yank/{project}/{version}", web_admin.yank, "admin")
-    add("POST", "/-/unyank/{project}/{version}", web_admin.unyank, "admin")
-    add("DELETE", "/-/files/{project}/{filename}", web_admin.delete_file, "admin")
-    add("DELETE", "/-/projects/{project}", web_admin.release, "admin")
+    for prefix in ("", "/i/{index}"):
+        add("POST", f"{prefix}/-/yank/{{project}}/{{version}}", web_admin.yank, "admin")
+        add("POST", f"{prefix}/-/unyank/{{project}}/{{version}}", web_admin.unyank, "admin")
+        add("DELETE", f"{prefix}/-/files/{{project}}/{{filename}}", web_admin.delete_file,
+            "admin")
+        add("DELETE", f"{prefix}/-/projects/{{project}}", web_admin.release, "admin")
     # Last: whatever no route above takes, so that it is counted and answered
     # like the rest (404 or 405 with a reason), not by aiohttp's defaults.
     app.router.add_route("*", "/{tail:.*}", edge(_unmatched, "unmatched", None))
@@ -181,6 +199,7 @@ async def _authorize(request: web.Request, scope: str) -> None:
         metrics.count(metrics.auth_failures, _auth_reason(exc))
         raise
     request[TOKEN_NAME] = identity.name
+    request[IDENTITY] = identity
     if identity is not ANONYMOUS:
         request[CREDENTIALED] = True
 
@@ -231,6 +250,14 @@ def _reload(app: web.Application) -> None:
                   extra={"problems": exc.problems})
         return
     old = live.current
+    layout = (
+        [i.name for i in new.registry.indexes], [u.name for u in new.registry.upstreams],
+    )
+    if layout != ([i.name for i in old.registry.indexes],
+                  [u.name for u in old.registry.upstreams]):
+        log.error("config reload refused: indexes or upstreams added, removed or "
+                  "reordered; restart to apply", extra={"path": live.path})
+        return
     # What is read once at start; everything else applies to the next request
     # (listen.trusted_proxies included).
     at_start = {
@@ -259,19 +286,46 @@ async def _on_startup(app: web.Application) -> None:
         loop.add_signal_handler(signal.SIGHUP, _reload, app)
 
 
+def store_root(data: Path, index: str) -> Path:
+    """Where an index's files live: the first version's private/ for `default`
+    (a config without `indexes` keeps its store), indexes/<name>/ otherwise."""
+    return data / "private" if index == LEGACY_INDEX else data / "indexes" / index
+
+
+def _mirror(
+    name: str, live: LiveConfig, derived: bool, metrics: Metrics, pages: PageCache,
+    artifacts: ArtifactCache, memory: PageMemory, ledger: CollisionLedger, keep_renders: bool,
+) -> Mirror:
+    """One upstream, reading its settings from the live config at every use."""
+    def settings(config: Config) -> UpstreamSpec:
+        spec = config.registry.upstream(name)
+        if spec is None:  # a reload cannot remove an upstream (see _reload)
+            raise UpstreamUnavailable(f"Upstream {name} is not in the config any more")
+        return spec
+
+    client = UpstreamClient(metrics, f"indexguard/{__version__}",
+                            lambda: settings(live.current), name=name)
+    # A config without `upstreams` keeps the page keys of earlier versions.
+    prefix = "" if derived else f"{name}/"
+    return Mirror(client, pages, artifacts, memory, ledger, metrics, keep_renders,
+                  name=name, prefix=prefix, settings=settings)
+
+
 async def create_app(config: Config, config_path: str | None = None) -> web.Application:
     """Open the stores (off the loop) and assemble the application."""
     data = config.data_dir
     metrics = Metrics()
-    store = PrivateStore(data / "private", data / "tmp")
-    swept = await asyncio.to_thread(store.open)
+    registry = config.registry
+    stores = {spec.name: PrivateStore(store_root(data, spec.name), data / "tmp")
+              for spec in registry.indexes}
+    swept = 0
+    for store in stores.values():
+        swept += await asyncio.to_thread(store.open)
     artifacts = ArtifactCache(data / "cache" / "files", data / "tmp", config.cache.max_bytes,
                               metrics)
     await asyncio.to_thread(artifacts.open)
     pages = await asyncio.to_thread(PageCache, data / "cache" / "pages")
     live = LiveConfig(config, config_path)
-    # The live upstream settings (url, file_hosts, credentials), read per request.
-    upstream = UpstreamClient(metrics, f"indexguard/{__version__}", lambda: live.current.upstream)
     names = UpstreamNames(data / "cache" / "upstream-names", data / "tmp", metrics,
                           f"indexguard/{__version__}")
     ledger = CollisionLedger(names, metrics)
@@ -279,18 +333,24 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     # when memory_pages is above 0).
     memory = PageMemory(max(config.cache.memory_pages, 1), config.cache.memory_bytes)
     keep_renders = config.cache.memory_pages > 0
-    mirror = Mirror(upstream, pages, artifacts, memory, ledger, metrics, keep_renders)
-    reader = Reader(store, mirror, memory, ledger, metrics, keep_renders)
-    publisher = Publisher(store, metrics, reader.upstream_has)
+    derived = config.layout.upstreams is None  # upstream.* alone, as before `upstreams`
+    mirrors = {
+        spec.name: _mirror(spec.name, live, derived, metrics, pages, artifacts, memory, ledger,
+                           keep_renders)
+        for spec in registry.upstreams
+    }
+    reader = Reader(stores, mirrors, memory, ledger, metrics, keep_renders)
+    publishers = {name: Publisher(store, metrics, reader.upstream_has)
+                  for name, store in stores.items()}
     if swept:
         log.info("removed temp files left by an earlier crash", extra={"count": swept})
 
     app = web.Application(client_max_size=1024**2)
     app[CONFIG] = live
     app[METRICS] = metrics
-    app[STORE] = store
+    app[STORES] = stores
     app[READER] = reader
-    app[PUBLISHER] = publisher
+    app[PUBLISHERS] = publishers
     failures = FailureLimit(data / "auth-failures.sqlite3")
     await asyncio.to_thread(failures.open)
     app[AUTH] = Authenticator(failures)
@@ -302,7 +362,8 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
             metrics.flush()
 
     async def resources(_app: web.Application) -> AsyncIterator[None]:
-        await upstream.start()
+        for mirror in mirrors.values():
+            await mirror.client.start()
         await names.start()
         flusher = asyncio.create_task(flush_metrics())
         yield
@@ -316,10 +377,12 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
             log.warning("cache downloads cut off at shutdown")
         artifacts.close()
         await names.close()
-        await upstream.close()
+        for mirror in mirrors.values():
+            await mirror.client.close()
         await reader.flush()
         await asyncio.to_thread(pages.close)
-        store.close()
+        for store in stores.values():
+            store.close()
         await asyncio.to_thread(failures.close)
         metrics.flush()
 

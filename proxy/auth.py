@@ -37,6 +37,10 @@ _MAX_HOPS = 32
 class Identity:
     name: str
     scopes: frozenset[str]
+    # fnmatch patterns of the token: the indexes it writes to (and reads alone),
+    # the groups it reads. Default: all.
+    indexes: tuple[str, ...] = ("*",)
+    groups: tuple[str, ...] = ("*",)
 
 
 ANONYMOUS = Identity("anonymous", frozenset())
@@ -135,7 +139,7 @@ class Authenticator:
         if token.expires is not None and token.expires < (today or dt.date.today()):
             await self._failed(client, user, Unauthorized(
                 f"Token {token.name} expired on {token.expires.isoformat()}"))
-        return Identity(token.name, token.scopes)
+        return Identity(token.name, token.scopes, token.indexes, token.groups)
 
     async def _failed(self, client: str, user: str, exc: Unauthorized) -> NoReturn:
         try:

@@ -144,6 +144,15 @@ def file_key(filename: str) -> str:
     return filename
 
 
+def guess_project(filename: str) -> NormalizedName | None:
+    """The project a distribution file belongs to, from its name alone; None if
+    it is no wheel or sdist (GitLab's file URLs carry no project name)."""
+    try:
+        return parse_dist_filename(filename).name
+    except BadRequest:
+        return None
+
+
 def guess_version(filename: str, project: NormalizedName) -> str | None:
     """The version a served file belongs to, for PEP 700 `versions`; None if unknown."""
     try:

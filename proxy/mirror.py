@@ -22,7 +22,7 @@ from yarl import URL
 
 from .answers import LocalFile, Prerendered, RemoteFile, render_page, visible
 from .cache import ArtifactCache
-from .config import Config, Upstream
+from .config import Config
 from .dists import METADATA_SUFFIX
 from .download import Download
 from .errors import NotFound, UpstreamUnavailable
@@ -31,6 +31,7 @@ from .metrics import Metrics
 from .model import FileEntry, ProjectPage
 from .page_memory import PageMemory
 from .pagecache import CachedPage, PageCache
+from .registry import UpstreamSpec
 from .simple_api import Format, PageParseError, upstream_page_url
 from .simple_api import parse_page as parse_any_page
 from .upstream import UpstreamClient, refusal
@@ -89,11 +90,11 @@ def _parse_and_render(
 
 # The settings of one upstream, read from the live config on every use (SIGHUP
 # swaps the config whole).
-Settings = Callable[[Config], Upstream]
+Settings = Callable[[Config], UpstreamSpec]
 
 
-def _legacy_settings(config: Config) -> Upstream:
-    return config.upstream
+def _first_upstream(config: Config) -> UpstreamSpec:
+    return config.registry.upstreams[0]
 
 
 class Mirror:
@@ -107,7 +108,7 @@ class Mirror:
     def __init__(
         self, client: UpstreamClient, pages: PageCache, artifacts: ArtifactCache,
         memory: PageMemory, ledger: CollisionLedger, metrics: Metrics, keep_renders: bool,
-        *, name: str = "pypi", prefix: str = "", settings: Settings = _legacy_settings,
+        *, name: str = "pypi", prefix: str = "", settings: Settings = _first_upstream,
     ) -> None:
         self.name = name
         self.prefix = prefix
@@ -192,7 +193,7 @@ class Mirror:
         url = upstream_page_url(settings.url, name)
         has_page = entry is not None and entry.page is not None
         resp = await self.client.fetch_page(
-            url, settings.timeout,
+            url, settings.timeout, not_found=settings.not_found,
             etag=entry.etag if has_page and entry else None,
             last_modified=entry.last_modified if has_page and entry else None,
         )
@@ -272,19 +273,10 @@ class Mirror:
 
     # --- files -------------------------------------------------------------------
 
-    async def page_for_file(
-        self, name: NormalizedName, filename: str, config: Config
-    ) -> ProjectPage:
-        """A page listing the file. Upstream files never change once published,
-        so any cached page that lists it will do, fresh or not."""
+    async def known(self, name: NormalizedName) -> CachedPage | None:
+        """What this upstream last said of the name (memory, then disk), however old."""
         key = self.key(name)
-        entry = self.memory.get(key) or await self.pages.get(key)
-        if entry is not None and entry.page is not None and entry.page.file(filename):
-            return entry.page
-        fresh = await self.page(name, config)
-        if fresh.page is None:
-            raise NotFound(f"No project named {name} upstream")
-        return fresh.page
+        return self.memory.get(key) or await self.pages.get(key)
 
     async def file(
         self, name: NormalizedName, filename: str, entry: FileEntry, config: Config,

@@ -86,7 +86,13 @@ class Spooled:
     blake2_256: str
 
 
-def check_form_header(form: UploadForm) -> tuple[NormalizedName, Version]:
+# Why the caller may not publish a normalized name where it is uploading; None: it may.
+Refusal = Callable[[NormalizedName], str | None]
+
+
+def check_form_header(
+    form: UploadForm, refusal: Refusal = lambda _name: None,
+) -> tuple[NormalizedName, Version]:
     """The cheap checks, run before the file's bytes are read where possible."""
     action = form.require(":action")
     if action != "file_upload":
@@ -95,6 +101,9 @@ def check_form_header(form: UploadForm) -> tuple[NormalizedName, Version]:
     if protocol is not None and protocol.strip() != "1":
         raise BadRequest(f"Unsupported protocol_version {quoted(protocol, 10)}")
     name = normalize_name(form.require("name"))
+    why = refusal(name)
+    if why is not None:
+        raise Forbidden(why)
     version = parse_version(form.require("version"))
     mv = form.get("metadata_version")
     if mv is not None and mv.strip() not in METADATA_VERSIONS:
@@ -204,14 +213,18 @@ class Publisher:
             raise
         return Spooled(tmp, filename, size, sha.hexdigest(), md5.hexdigest(), blake.hexdigest())
 
-    async def publish(self, form: UploadForm, spooled: Spooled, config: Config) -> AddOutcome:
-        """Validate and store. The spooled file is consumed either way.
+    async def publish(
+        self, form: UploadForm, spooled: Spooled, config: Config,
+        refusal: Refusal = lambda _name: None,
+    ) -> AddOutcome:
+        """Validate and store. The spooled file is consumed either way. refusal(name)
+        says why the caller may not publish the name here (token patterns, owns).
 
-        Raises BadRequest, FileExists, Forbidden (collision policy), ServiceUnavailable
-        (policy reject and upstream cannot say), InsufficientStorage.
+        Raises BadRequest, FileExists, Forbidden (refusal, collision policy),
+        ServiceUnavailable (policy reject and upstream cannot say), InsufficientStorage.
         """
         try:
-            name, version = check_form_header(form)
+            name, version = check_form_header(form, refusal)
             dist = check_file(form, spooled, name, version)
             check_digests(form, spooled)
             metadata = await asyncio.to_thread(read_metadata, spooled.path, dist)

@@ -1,7 +1,10 @@
-"""The read path in one place: private first -> guard -> upstream (mirror.py) -> stale.
+"""The read path of one view: resolve the name (resolve.py) -> one member answers.
 
-Reader.rendered() answers a project page, Reader.file() a file; both raise the
-errors of errors.py. Rendered pages are kept in memory with their ETag and a
+A view is a group (its members walked in order: private indexes first, then
+upstreams) or one index alone (/i/<index>/: no upstream). Reader.rendered()
+answers a project page, Reader.file() a file; both raise the errors of
+errors.py. Nothing is ever merged: the one member that answers a name answers
+its page and its files. Rendered pages are kept in memory with their ETag and a
 gzip copy (page_memory.py), so a warm page costs a dict lookup.
 """
 
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from packaging.utils import NormalizedName
 
@@ -17,42 +22,85 @@ from .answers import LocalFile, RemoteFile, Rendered, Source, render_page, visib
 from .cache import open_sized
 from .config import Config
 from .dists import METADATA_SUFFIX
-from .errors import NotFound
-from .guard import CollisionLedger, Decision, decide, too_young
+from .errors import NotFound, UpstreamUnavailable
+from .guard import CollisionLedger, too_young
 from .metrics import Metrics
 from .mirror import Mirror
 from .model import ProjectPage
 from .page_memory import PageMemory
+from .pagecache import CachedPage
+from .registry import GroupSpec, Member
+from .resolve import ForwardOff, Missing, Private, Reserved, Resolution, Upstreams, resolve
 from .simple_api import Format
 from .store import PrivateStore
 
 guard_log = logging.getLogger("indexguard.guard")
 
 
+@dataclass(frozen=True, slots=True)
+class View:
+    """What a URL reads: a group (/simple/, /g/<group>/) or one index (/i/<index>/)."""
+
+    kind: str  # "group" | "index"
+    name: str
+
+    @property
+    def label(self) -> str:
+        return self.name if self.kind == "group" else f"index:{self.name}"
+
+
 class Reader:
+    """Every view's read path; the stores and mirrors are shared by all views."""
+
     def __init__(
-        self, store: PrivateStore, mirror: Mirror, memory: PageMemory,
-        ledger: CollisionLedger, metrics: Metrics, keep_renders: bool,
+        self, stores: Mapping[str, PrivateStore], mirrors: Mapping[str, Mirror],
+        memory: PageMemory, ledger: CollisionLedger, metrics: Metrics, keep_renders: bool,
     ) -> None:
-        self.store = store
-        self.mirror = mirror
+        self.stores = stores
+        self.mirrors = mirrors
         self.memory = memory
         self.ledger = ledger
         self.metrics = metrics
         self._keep_renders = keep_renders
 
-    # --- the guard ---------------------------------------------------------------
+    @property
+    def store(self) -> PrivateStore:
+        """The first index's store (uploads to / and /legacy/, today's admin API)."""
+        return next(iter(self.stores.values()))
 
-    def decide(self, name: NormalizedName, config: Config, client: str) -> Decision:
-        decision = decide(name, self.store.is_private(name), config)
-        self.metrics.count(self.metrics.guard_decisions, decision.rule)
-        level = logging.DEBUG if decision.rule == "upstream" else logging.INFO
+    # --- resolution --------------------------------------------------------------
+
+    def group_of(self, view: View, config: Config) -> GroupSpec:
+        """The group a view walks; an index alone is a group of one member, never
+        forwarded. Raises NotFound for a group or index the config does not have."""
+        registry = config.registry
+        if view.kind == "index":
+            if view.name not in self.stores or registry.index(view.name) is None:
+                raise NotFound(f"No index named {view.name}")
+            return GroupSpec(f"index:{view.name}", (Member("index", view.name),), (), False)
+        group = registry.group(view.name)
+        if group is None:
+            raise NotFound(f"No group named {view.name}")
+        return group
+
+    def resolve(
+        self, name: NormalizedName, view: View, config: Config, client: str,
+    ) -> Resolution:
+        group = self.group_of(view, config)
+        resolution = resolve(
+            name, group, config.registry,
+            lambda index: index in self.stores and self.stores[index].is_private(name),
+            config.upstream.forward,
+        )
+        rule = resolution.rule
+        self.metrics.count(self.metrics.guard_decisions, rule)
+        level = logging.DEBUG if rule == "upstream" else logging.INFO
         if guard_log.isEnabledFor(level):
-            guard_log.log(level, "guard decision",
-                          extra={"project": name, "rule": decision.rule, "client": client})
-        if decision.rule in ("private", "reserved") and config.upstream.forward:
-            self.ledger.observe(name, decision.rule, config)
-        return decision
+            guard_log.log(level, "guard decision", extra={
+                "project": name, "rule": rule, "client": client, "group": group.name})
+        if rule in ("private", "reserved") and config.upstream.forward:
+            self.ledger.observe(name, rule, config)
+        return resolution
 
     async def upstream_has(self, name: NormalizedName, config: Config) -> bool | None:
         """Whether upstream lists the name; None when it cannot say now. Never
@@ -60,37 +108,53 @@ class Reader:
         return await self.ledger.upstream_has(name, config)
 
     @staticmethod
-    def _refuse_unless_forwarded(name: NormalizedName, decision: Decision) -> None:
-        if decision.rule == "reserved":
-            raise NotFound(f"{name} is reserved for private packages (guard.private_only)")
-        if decision.rule == "forward_off":
-            raise NotFound(f"No private project named {name}; forwarding upstream is off")
+    def _refuse(resolution: Resolution) -> None:
+        if isinstance(resolution, Reserved | ForwardOff | Missing):
+            raise NotFound(resolution.reason)
+
+    async def _walk(
+        self, name: NormalizedName, candidates: Upstreams, config: Config,
+        want: tuple[Format, str] | None, now: float,
+    ) -> tuple[Mirror, CachedPage]:
+        """The first upstream that hosts the name, and its page. An upstream that
+        fails stops the walk (its stale page, else 502): never the next one.
+        Raises NotFound when none hosts it, UpstreamUnavailable."""
+        for spec in candidates.candidates:
+            mirror = self.mirrors.get(spec.name)
+            if mirror is None:
+                raise UpstreamUnavailable(f"Upstream {spec.name} needs a restart to be used")
+            entry = mirror.fresh_in_memory(name, config, now) or await mirror.page(
+                name, config, want
+            )
+            if entry.page is not None:
+                return mirror, entry
+        raise NotFound(f"No project named {name} upstream")
 
     # --- pages -------------------------------------------------------------------
 
     async def rendered(
         self, name: NormalizedName, fmt: Format, ctype: str, config: Config, client: str,
+        view: View = View("group", "default"),
     ) -> Rendered:
         """The page for a name in one format. Raises NotFound, UpstreamUnavailable."""
-        decision = self.decide(name, config, client)
+        resolution = self.resolve(name, view, config, client)
         now = time.time()
-        if decision.rule == "private":
-            private = await self.store.page(name)
+        if isinstance(resolution, Private):
+            index = resolution.index.name
+            private = await self.stores[index].page(name)
             if private is None:  # released between the check and the read
                 raise NotFound(f"No project named {name}")
-            return self._remembered(name, ctype, (private,), now) or await self._render(
-                name, fmt, ctype, (private,), private, float("inf"), "private"
+            key = self._private_key(index, name)
+            return self._remembered(key, ctype, (private,), now) or await self._render(
+                key, fmt, ctype, (private,), private, float("inf"), "private"
             )
-        mirror = self.mirror
-        self._refuse_unless_forwarded(name, decision)
-        # The warm path makes no coroutine call: a fresh entry in memory, and
-        # its page already rendered for this format.
-        entry = mirror.fresh_in_memory(name, config, now) or await mirror.page(
-            name, config, (fmt, ctype)
-        )
+        self._refuse(resolution)
+        assert isinstance(resolution, Upstreams)
+        # The warm path makes no coroutine call but the walk's: a fresh entry in
+        # memory, and its page already rendered for this format.
+        mirror, entry = await self._walk(name, resolution, config, (fmt, ctype), now)
         upstream_page = entry.page
-        if upstream_page is None:
-            raise NotFound(f"No project named {name} upstream")
+        assert upstream_page is not None
         mirror.note_served(name)
         # The visible page depends on the entry and on the guard settings (min_age);
         # it is kept under the mirror's key (the same for every group that reads it).
@@ -101,6 +165,11 @@ class Reader:
             return hit
         page, valid_until = self._visible(upstream_page, config, now)
         return await self._render(key, fmt, ctype, token, page, valid_until, "upstream")
+
+    @staticmethod
+    def _private_key(index: str, name: str) -> str:
+        # Apart from every mirror's keys ("" or "<upstream>/" prefixes).
+        return f"@{index}/{name}"
 
     def _remembered(
         self, key: str, ctype: str, token: tuple[object, ...], now: float,
@@ -130,42 +199,73 @@ class Reader:
             self.metrics.count(self.metrics.min_age_hidden, amount=hidden)
         return shown, valid_until
 
-    async def root_names(self) -> list[NormalizedName]:
-        private = await self.store.names()
-        names = set(private) | {NormalizedName(n) for n in self.mirror.served_names}
+    async def root_names(
+        self, config: Config, view: View = View("group", "default"),
+    ) -> list[NormalizedName]:
+        """The view's private names, and the upstream names it has served."""
+        group = self.group_of(view, config)
+        names: set[NormalizedName] = set()
+        for index in group.index_names:
+            if index in self.stores:
+                names.update(await self.stores[index].names())
+        for member in group.upstream_members:
+            mirror = self.mirrors.get(member.name)
+            if mirror is not None:
+                names.update(NormalizedName(n) for n in mirror.served_names)
         return sorted(names)
 
     # --- files -------------------------------------------------------------------
 
     async def file(
         self, name: NormalizedName, filename: str, config: Config, client: str,
+        view: View = View("group", "default"),
     ) -> LocalFile | RemoteFile:
         """Where a file's bytes come from: a file already open, or a transfer
-        to start. Raises NotFound, UpstreamUnavailable."""
+        to start. Only the member that answers the name in the view is asked.
+        Raises NotFound, UpstreamUnavailable."""
         is_meta = filename.endswith(METADATA_SUFFIX)
         dist_name = filename[: -len(METADATA_SUFFIX)] if is_meta else filename
-        decision = self.decide(name, config, client)
-        if decision.rule == "private":
-            page = await self.store.page(name)
+        resolution = self.resolve(name, view, config, client)
+        if isinstance(resolution, Private):
+            store = self.stores[resolution.index.name]
+            page = await store.page(name)
             entry = page.file(dist_name) if page is not None else None
             if entry is None or (is_meta and not entry.has_metadata):
                 raise NotFound(f"No file {filename} in private project {name}")
             hashes = entry.metadata_hashes if is_meta else entry.hashes
             try:
-                fh, size = await asyncio.to_thread(
-                    open_sized, self.store.file_path(name, filename)
-                )
+                fh, size = await asyncio.to_thread(open_sized, store.file_path(name, filename))
             except FileNotFoundError:  # deleted since the page was read
                 raise NotFound(f"No file {filename} in private project {name}") from None
             return LocalFile(fh, size, "private", (hashes or {}).get("sha256"))
         # A name that became private or reserved after its files were cached is
         # refused here, before the cache is consulted.
-        self._refuse_unless_forwarded(name, decision)
-        listed = await self.mirror.page_for_file(name, dist_name, config)
+        self._refuse(resolution)
+        assert isinstance(resolution, Upstreams)
+        mirror, listed = await self._answering_page(name, dist_name, resolution, config)
         entry = listed.file(dist_name)
         if entry is None or too_young(entry, name, config, time.time()):
             raise NotFound(f"No file {dist_name} for {name} upstream")
-        return await self.mirror.file(name, filename, entry, config)
+        return await mirror.file(name, filename, entry, config)
+
+    async def _answering_page(
+        self, name: NormalizedName, filename: str, candidates: Upstreams, config: Config,
+    ) -> tuple[Mirror, ProjectPage]:
+        """The page of the upstream that answers the name, listing the file if it
+        ever did. Upstream files never change once published, so a cached page
+        that lists it will do, fresh or not."""
+        for spec in candidates.candidates:
+            mirror = self.mirrors.get(spec.name)
+            if mirror is None:
+                raise UpstreamUnavailable(f"Upstream {spec.name} needs a restart to be used")
+            known = await mirror.known(name)
+            if known is not None and known.page is not None and known.page.file(filename):
+                return mirror, known.page
+            entry = await mirror.page(name, config)
+            if entry.page is not None:
+                return mirror, entry.page
+        raise NotFound(f"No project named {name} upstream")
 
     async def flush(self) -> None:
-        await self.mirror.flush()
+        for mirror in self.mirrors.values():
+            await mirror.flush()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from .auth import Authenticator
+from .auth import Authenticator, Identity
 from .config import Config
 from .metrics import Metrics
 from .publish import Publisher
@@ -24,8 +24,10 @@ class LiveConfig:
 
 
 CONFIG = web.AppKey("config", LiveConfig)
+# Who asked (set by app.edge before the handler runs; absent: anonymous).
+IDENTITY = web.RequestKey("identity", Identity)
 METRICS = web.AppKey("metrics", Metrics)
-STORE = web.AppKey("store", PrivateStore)
+STORES = web.AppKey("stores", dict[str, PrivateStore])
 READER = web.AppKey("reader", Reader)
-PUBLISHER = web.AppKey("publisher", Publisher)
+PUBLISHERS = web.AppKey("publishers", dict[str, Publisher])
 AUTH = web.AppKey("auth", Authenticator)

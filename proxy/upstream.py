@@ -16,10 +16,10 @@ import logging
 import os
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiohttp
 from yarl import URL
@@ -68,7 +68,19 @@ def _host_forms(url: URL) -> set[str]:
     return forms
 
 
-def refusal(url: URL, upstream: Upstream) -> str | None:
+class Origin(Protocol):
+    """What the allow-list and the credentials need of an upstream's settings
+    (config.Upstream, registry.UpstreamSpec)."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def file_hosts(self) -> tuple[str, ...]: ...
+    @property
+    def credentials(self) -> tuple[str, str] | None: ...
+
+
+def refusal(url: URL, upstream: Origin) -> str | None:
     """Why the proxy must not fetch url for this upstream; None when it may.
 
     Allowed: the upstream's own origin (scheme, host, port), or a host listed
@@ -85,7 +97,7 @@ def refusal(url: URL, upstream: Upstream) -> str | None:
     return f"refused {host}: neither the upstream nor in upstream.file_hosts; not fetched"
 
 
-def _credentials(url: URL, upstream: Upstream) -> aiohttp.BasicAuth | None:
+def _credentials(url: URL, upstream: Origin) -> aiohttp.BasicAuth | None:
     if upstream.credentials is None or _origin(url) != _origin(URL(upstream.url)):
         return None
     user, password = upstream.credentials
@@ -105,8 +117,10 @@ class UpstreamClient:
     """Owns its HTTP session: start() opens it, close() closes it (the app's cleanup_ctx)."""
 
     def __init__(
-        self, metrics: Metrics, user_agent: str, settings: Callable[[], Upstream] = Upstream,
+        self, metrics: Metrics, user_agent: str, settings: Callable[[], Origin] = Upstream,
+        name: str = "pypi",
     ) -> None:
+        self.name = name
         self._metrics = metrics
         self._user_agent = user_agent
         # Read at every request: a reload (SIGHUP) may change url, hosts, credentials.
@@ -174,8 +188,10 @@ class UpstreamClient:
 
     async def fetch_page(
         self, url: str, timeout: float, etag: str | None = None,
-        last_modified: str | None = None,
+        last_modified: str | None = None, not_found: Collection[int] = (404, 410),
     ) -> PageResponse:
+        """not_found: the statuses that mean "no such project" here (the PyTorch
+        index answers 403 for names it does not host)."""
         headers = {"Accept": UPSTREAM_ACCEPT, "Accept-Encoding": "gzip"}
         if etag:
             headers["If-None-Match"] = etag
@@ -189,7 +205,7 @@ class UpstreamClient:
                 if resp.status == 304:
                     self._record("page", "not_modified", started)
                     return PageResponse("not_modified", str(resp.url))
-                if resp.status in (404, 410):
+                if resp.status in not_found:
                     self._record("page", "not_found", started)
                     return PageResponse("not_found", str(resp.url))
                 if resp.status != 200:

@@ -17,7 +17,11 @@ async def health(request: web.Request) -> web.Response:
         "status": "ok",
         "version": __version__,
         "forward": config.upstream.forward,
-        "upstream_up": request.app[READER].mirror.client.last_ok,
+        "upstream_up": all(m.client.last_ok for m in request.app[READER].mirrors.values()),
+        "upstreams": {
+            name: {"up": m.client.last_ok, "down_for": max(0.0, m.outage.until - time.time())}
+            for name, m in request.app[READER].mirrors.items()
+        },
         "time": time.time(),
     })
 

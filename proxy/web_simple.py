@@ -13,15 +13,19 @@ from urllib.parse import quote
 from aiohttp import web
 from packaging.utils import NormalizedName
 
-from .answers import LocalFile, Rendered
-from .dists import name_from_url
+from .answers import LocalFile, RemoteFile, Rendered
+from .auth import ANONYMOUS
+from .config import Config
+from .dists import METADATA_SUFFIX, guess_project, name_from_url
 from .download import Download, FileSpan
-from .errors import NotFound, ProxyError
+from .errors import Forbidden, NotFound, ProxyError, quoted
 from .fsutil import safe_join
 from .logs import CACHE_OUTCOME
 from .metrics import Metrics
+from .reader import View
+from .resolve import may_read_group, may_read_index
 from .simple_api import negotiate, render_root_html, render_root_json
-from .state import CONFIG, METRICS, READER
+from .state import CONFIG, IDENTITY, METRICS, READER
 
 log = logging.getLogger("indexguard.web")
 
@@ -80,6 +84,44 @@ def respond_page(request: web.Request, page: Rendered) -> web.Response:
     return web.Response(body=body, headers=headers)
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def view_of(request: web.Request, config: Config) -> View:
+    """What the URL reads, checked against the caller's token patterns.
+
+    /simple/ is the default group; /g/<group>/ a group; /i/<index>/ one index
+    alone; GitLab's project and group routes read through the group their
+    alias names. Raises NotFound (no such view), Forbidden (not the token's).
+    """
+    info = request.match_info
+    registry = config.registry
+    if "group" in info:
+        view = View("group", info["group"])
+    elif "index" in info:
+        view = View("index", info["index"])
+    elif "gl_project" in info:
+        alias = registry.gitlab.project(info["gl_project"])
+        if alias is None:
+            raise NotFound(f"No GitLab project {quoted(info['gl_project'])} (gitlab.projects)")
+        view = View("group", alias.group)
+    elif "gl_group" in info:
+        group = registry.gitlab.group(info["gl_group"])
+        if group is None:
+            raise NotFound(f"No GitLab group {quoted(info['gl_group'])} (gitlab.groups)")
+        view = View("group", group)
+    else:
+        view = View("group", registry.default_group.name)
+    identity = request.get(IDENTITY, ANONYMOUS)
+    if identity is ANONYMOUS:
+        return view  # let through by edge(): anonymous reads are on
+    if view.kind == "group" and not may_read_group(identity, view.name):
+        raise Forbidden(f"Token {identity.name} may not read group {view.name}")
+    if view.kind == "index" and not may_read_index(identity, view.name):
+        raise Forbidden(f"Token {identity.name} may not read index {view.name}")
+    return view
+
+
 def _project_name(raw: str) -> NormalizedName:
     """Raises NotFound for anything that is not a project name: such a request
     never reaches the store or the upstream."""
@@ -101,8 +143,10 @@ def _normalized_or_redirect(request: web.Request, raw: str, suffix: str) -> Norm
 
 
 async def root(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG].current
+    view = view_of(request, config)
     fmt, ctype = negotiate(request.headers.get("Accept"), request.query.get("format"))
-    names = await request.app[READER].root_names()
+    names = await request.app[READER].root_names(config, view)
     body = render_root_json(names) if fmt == "json" else render_root_html(names)
     return web.Response(body=body, headers={
         "Content-Type": f"{ctype}; charset=utf-8" if fmt == "html" else ctype,
@@ -113,8 +157,9 @@ async def root(request: web.Request) -> web.StreamResponse:
 async def project(request: web.Request) -> web.StreamResponse:
     name = _normalized_or_redirect(request, request.match_info["project"], "/")
     config = request.app[CONFIG].current
+    view = view_of(request, config)
     fmt, ctype = negotiate(request.headers.get("Accept"), request.query.get("format"))
-    page = await request.app[READER].rendered(name, fmt, ctype, config, _client(request))
+    page = await request.app[READER].rendered(name, fmt, ctype, config, _client(request), view)
     return respond_page(request, page)
 
 
@@ -135,14 +180,47 @@ def _content_type(filename: str) -> str:
 async def dist_file(request: web.Request) -> web.StreamResponse:
     """A file, cached, private or streamed from upstream; HEAD answers what GET
     would (status and headers), from the same code path."""
-    raw, filename = request.match_info["project"], request.match_info["filename"]
+    return await _project_file(
+        request, request.match_info["project"], request.match_info["filename"]
+    )
+
+
+async def _project_file(request: web.Request, raw: str, filename: str) -> web.StreamResponse:
     name = _project_name(raw)
     # Reject traversal and odd names before anything touches the disk.
     safe_join(request.app[READER].store.root, name, filename)
     if raw != name:
         raise web.HTTPMovedPermanently(f"../{quote(name)}/{quote(filename)}")
     config = request.app[CONFIG].current
-    source = await request.app[READER].file(name, filename, config, _client(request))
+    view = view_of(request, config)
+    source = await request.app[READER].file(name, filename, config, _client(request), view)
+    return await _answer_file(request, filename, source)
+
+
+async def gitlab_file(request: web.Request) -> web.StreamResponse:
+    """GitLab's file URL, .../files/<sha256>/<filename>: served only when the file
+    the name resolves to in the view has that sha256. Our own pages link
+    .../files/<project>/<filename> under the same prefix: both forms land here."""
+    key, filename = request.match_info["key"], request.match_info["filename"]
+    if not _SHA256.fullmatch(key):
+        return await _project_file(request, key, filename)
+    project = guess_project(filename.removesuffix(METADATA_SUFFIX))
+    if project is None:
+        raise NotFound(f"Not a distribution file name: {quoted(filename)}")
+    safe_join(request.app[READER].store.root, project, filename)
+    config = request.app[CONFIG].current
+    view = view_of(request, config)
+    source = await request.app[READER].file(project, filename, config, _client(request), view)
+    if source.sha256 != key:
+        if isinstance(source, LocalFile):
+            await asyncio.to_thread(source.file.close)
+        raise NotFound(f"No file {filename} with sha256 {key}")
+    return await _answer_file(request, filename, source)
+
+
+async def _answer_file(
+    request: web.Request, filename: str, source: LocalFile | RemoteFile,
+) -> web.StreamResponse:
     metrics = request.app[METRICS]
     headers = {
         "Content-Type": _content_type(filename), "Cache-Control": _FILE_CACHE_CONTROL,

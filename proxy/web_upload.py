@@ -12,10 +12,22 @@ from typing import TypeVar
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from packaging.utils import NormalizedName
 
-from .errors import BadRequest, ProxyError, RequestTimeout, TooLarge, quoted
-from .publish import CHUNK, MAX_FIELD_BYTES, Spooled, UploadForm, check_form_header
-from .state import CONFIG, METRICS, PUBLISHER
+from .auth import ANONYMOUS
+from .config import Config
+from .errors import BadRequest, NotFound, ProxyError, RequestTimeout, TooLarge, quoted
+from .publish import (
+    CHUNK,
+    MAX_FIELD_BYTES,
+    Publisher,
+    Refusal,
+    Spooled,
+    UploadForm,
+    check_form_header,
+)
+from .resolve import upload_refusal
+from .state import CONFIG, IDENTITY, METRICS, PUBLISHERS
 
 T = TypeVar("T")
 
@@ -59,9 +71,8 @@ async def _read_field(part: BodyPartReader, idle: float) -> bytes:
 
 
 async def _read_form(
-    request: web.Request, limit: int, idle: float,
+    request: web.Request, publisher: Publisher, limit: int, idle: float, refusal: Refusal,
 ) -> tuple[UploadForm, Spooled | None]:
-    publisher = request.app[PUBLISHER]
     try:
         reader = await request.multipart()
     except (AssertionError, ValueError, KeyError, LookupError):
@@ -80,7 +91,7 @@ async def _read_form(
                 if spooled is not None:
                     raise BadRequest("More than one file in one upload")
                 if ":action" in form.fields:
-                    check_form_header(form)  # fail fast, before the bytes arrive
+                    check_form_header(form, refusal)  # fail fast, before the bytes arrive
                 spooled = await publisher.spool(
                     _part_chunks(part, idle), part.filename or "", limit
                 )
@@ -102,24 +113,54 @@ async def _read_form(
     return form, spooled
 
 
+def index_of(request: web.Request, config: Config) -> str:
+    """The index an upload goes to: /i/<index>/, a GitLab project's alias, or the
+    first index for / and /legacy/. Raises NotFound."""
+    info = request.match_info
+    registry = config.registry
+    if "index" in info:
+        name = info["index"]
+    elif "gl_project" in info:
+        alias = registry.gitlab.project(info["gl_project"])
+        if alias is None:
+            raise NotFound(f"No GitLab project {quoted(info['gl_project'])} (gitlab.projects)")
+        name = alias.index
+    else:
+        name = registry.first_index.name
+    if registry.index(name) is None or name not in request.app[PUBLISHERS]:
+        raise NotFound(f"No index named {name}")
+    return name
+
+
 async def upload(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
     metrics = request.app[METRICS]
     limit = config.limits.max_upload
     try:
+        index = index_of(request, config)
+        publisher = request.app[PUBLISHERS][index]
+        identity = request.get(IDENTITY, ANONYMOUS)
+
+        def refusal(name: NormalizedName) -> str | None:
+            return upload_refusal(identity, index, name, config.registry)
+
         if request.content_length is not None and request.content_length > limit + _ENVELOPE:
             raise TooLarge(f"File too large: the limit is {limit} bytes (limits.max_upload)")
-        form, spooled = await _read_form(request, limit, config.limits.idle_timeout)
+        form, spooled = await _read_form(
+            request, publisher, limit, config.limits.idle_timeout, refusal
+        )
         if spooled is None:
-            check_form_header(form)
+            check_form_header(form, refusal)
             raise BadRequest("Missing the 'content' file part")
-        outcome = await request.app[PUBLISHER].publish(form, spooled, config)
+        outcome = await publisher.publish(form, spooled, config, refusal)
     except ProxyError as exc:
         # After a 413 aiohttp lingers, discarding what the client still sends,
         # so that twine gets to read the reason instead of a broken pipe.
         metrics.uploads.labels("rejected" if exc.status < 500 else "error").inc()
         raise
     metrics.uploads.labels(outcome).inc()
+    # GitLab answers a stored upload with 201; twine takes any 2xx.
+    status = 201 if "gl_project" in request.match_info and outcome == "stored" else 200
     if outcome == "duplicate":
         return web.Response(text="OK: identical file already stored; nothing changed\n")
-    return web.Response(text="OK\n")
+    return web.Response(status=status, text="OK\n")
