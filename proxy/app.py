@@ -314,8 +314,11 @@ def _mirror(
 async def create_app(config: Config, config_path: str | None = None) -> web.Application:
     """Open the stores (off the loop) and assemble the application."""
     data = config.data_dir
-    metrics = Metrics()
     registry = config.registry
+    metrics = Metrics(
+        [u.name for u in registry.upstreams],
+        [g.name for g in registry.groups] + [f"index:{i.name}" for i in registry.indexes],
+    )
     stores = {spec.name: PrivateStore(store_root(data, spec.name), data / "tmp")
               for spec in registry.indexes}
     swept = 0

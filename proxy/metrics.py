@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -37,7 +38,11 @@ class _RequestTally:
 class Metrics:
     """The metric objects; names and labels are documented in the README."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, upstreams: Sequence[str] = ("pypi",), groups: Sequence[str] = ("default",),
+    ) -> None:
+        """upstreams and groups: the names the config gives, the only values of the
+        `upstream` and `group` labels (exported at 0 from the first scrape)."""
         self._multiproc_dir = os.environ.get(MULTIPROC_ENV)
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
@@ -50,7 +55,7 @@ class Metrics:
         )
         self.index_cache = Counter(
             "indexguard_index_cache", "Upstream project page lookups by cache result",
-            ["result"], registry=r,  # hit | miss | revalidated
+            ["result", "upstream"], registry=r,  # hit | miss | revalidated
         )
         self.file_cache = Counter(
             "indexguard_file_cache", "Upstream file and metadata requests by cache result",
@@ -71,19 +76,19 @@ class Metrics:
         self.upstream_requests = Counter(
             "indexguard_upstream_requests", "Requests sent upstream by kind and outcome",
             # kind: page|file|names; outcome: ok|not_modified|not_found|error|refused
-            ["kind", "outcome"], registry=r,
+            ["kind", "outcome", "upstream"], registry=r,
         )
         self.upstream_latency = Histogram(
             "indexguard_upstream_request_duration_seconds", "Upstream response time (headers)",
-            ["kind"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["kind", "upstream"], buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.upstream_up = Gauge(
             "indexguard_upstream_up", "1 when the last upstream request got an answer, else 0",
-            registry=r, multiprocess_mode="livemostrecent",
+            ["upstream"], registry=r, multiprocess_mode="livemostrecent",
         )
         self.stale_pages = Counter(
             "indexguard_stale_pages_served", "Cached pages served because upstream failed",
-            registry=r,
+            ["upstream"], registry=r,
         )
         self.hash_mismatches = Counter(
             "indexguard_hash_mismatches",
@@ -101,7 +106,9 @@ class Metrics:
         )
         self.guard_decisions = Counter(
             "indexguard_guard_decisions", "Guard decisions by rule",
-            ["rule"], registry=r,  # private | reserved | forward_off | upstream
+            # rule: private | reserved | forward_off | upstream | not_found; group: a
+            # group's name, or index:<name> for /i/<index>/
+            ["rule", "group"], registry=r,
         )
         self.min_age_hidden = Counter(
             "indexguard_min_age_hidden_files", "Upstream files hidden by guard.min_age",
@@ -119,7 +126,10 @@ class Metrics:
             "indexguard_auth_failures", "Requests refused for credentials",
             ["reason"], registry=r,  # missing | invalid | expired | scope | rate_limited
         )
-        self.upstream_up.set(1)
+        self._upstreams = tuple(upstreams)
+        self._groups = tuple(groups)
+        for upstream in self._upstreams:
+            self.upstream_up.labels(upstream).set(1)
         # Counts from the request path wait here, in plain dicts, until flush():
         # prometheus_client takes a lock (and in multiprocess mode writes an
         # mmap) per inc() and per observe(), which cost a warm page about 6 us
@@ -177,18 +187,22 @@ class Metrics:
     def _initialize_labels(self) -> None:
         """Export every known label value at 0, so rate() and the dashboard see a
         series from the first scrape instead of 'No data' until the first event."""
-        for result in ("hit", "miss", "revalidated"):
-            self.index_cache.labels(result)
+        for upstream in self._upstreams:
+            self.stale_pages.labels(upstream)
+            for result in ("hit", "miss", "revalidated"):
+                self.index_cache.labels(result, upstream)
         for result in ("hit", "miss", "joined"):
             self.file_cache.labels(result)
-        for kind in ("page", "file"):
-            self.upstream_latency.labels(kind)
-            for outcome in ("ok", "not_modified", "not_found", "error", "refused"):
-                self.upstream_requests.labels(kind, outcome)
+        for upstream in self._upstreams:
+            for kind in ("page", "file"):
+                self.upstream_latency.labels(kind, upstream)
+                for outcome in ("ok", "not_modified", "not_found", "error", "refused"):
+                    self.upstream_requests.labels(kind, outcome, upstream)
         for outcome in ("stored", "duplicate", "rejected", "error"):
             self.uploads.labels(outcome)
-        for rule in ("private", "reserved", "forward_off", "upstream"):
-            self.guard_decisions.labels(rule)
+        for group in self._groups:
+            for rule in ("private", "reserved", "forward_off", "upstream", "not_found"):
+                self.guard_decisions.labels(rule, group)
         for action in ("rejected", "warned"):
             self.upload_collisions.labels(action)
         for source in ("private", "cache", "upstream"):

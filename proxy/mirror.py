@@ -141,7 +141,7 @@ class Mirror:
         if entry is None or entry.page is None:
             return None
         if now - entry.fetched_at < self.settings(config).index_ttl:
-            self.metrics.count(self.metrics.index_cache, "hit")
+            self.metrics.count(self.metrics.index_cache, "hit", self.name)
             return entry
         return None
 
@@ -165,14 +165,14 @@ class Mirror:
             if now - entry.fetched_at < ttl or (
                 entry.page is not None and now < self._backoff.get(name, 0.0)
             ):
-                self.metrics.count(self.metrics.index_cache, "hit")
+                self.metrics.count(self.metrics.index_cache, "hit", self.name)
                 return entry
         now = time.time()
         if self.outage.active(now):
             # Not asked again until the outage is over: stale or 502, at once
             # (logged once, when the upstream was marked down).
             if entry is not None and entry.page is not None:
-                self.metrics.stale_pages.inc()
+                self.metrics.stale_pages.labels(self.name).inc()
                 return entry
             raise UpstreamUnavailable(
                 f"Upstream index unavailable for {name}: {self.outage.reason}; "
@@ -216,14 +216,14 @@ class Mirror:
                     name, entry, f"upstream sent a broken page ({exc})", config, backoff=True
                 )
             fresh = CachedPage(page, now, resp.etag, resp.last_modified)
-            self.metrics.count(self.metrics.index_cache, "miss")
+            self.metrics.count(self.metrics.index_cache, "miss", self.name)
             self.ledger.remember(name, True)
         elif resp.outcome == "not_modified" and entry is not None and entry.page is not None:
             fresh = dataclasses.replace(entry, fetched_at=now)
-            self.metrics.count(self.metrics.index_cache, "revalidated")
+            self.metrics.count(self.metrics.index_cache, "revalidated", self.name)
         elif resp.outcome == "not_found":
             fresh = CachedPage(None, now)
-            self.metrics.count(self.metrics.index_cache, "miss")
+            self.metrics.count(self.metrics.index_cache, "miss", self.name)
             self.ledger.remember(name, False)
         else:
             reason = resp.reason or "upstream unavailable"
@@ -253,7 +253,7 @@ class Mirror:
         *, backoff: bool = False,
     ) -> CachedPage:
         if entry is not None and entry.page is not None:
-            self.metrics.stale_pages.inc()
+            self.metrics.stale_pages.labels(self.name).inc()
             if backoff:
                 self._backoff[name] = time.time() + self.settings(config).backoff
             log.warning("serving stale page", extra={"project": name, "reason": reason})

@@ -93,7 +93,7 @@ class Reader:
             config.upstream.forward,
         )
         rule = resolution.rule
-        self.metrics.count(self.metrics.guard_decisions, rule)
+        self.metrics.count(self.metrics.guard_decisions, rule, view.label)
         level = logging.DEBUG if rule == "upstream" else logging.INFO
         if guard_log.isEnabledFor(level):
             guard_log.log(level, "guard decision", extra={

@@ -150,15 +150,15 @@ class UpstreamClient:
         return self._client
 
     def _record(self, kind: str, outcome: str, started: float) -> None:
-        self._metrics.upstream_latency.labels(kind).observe(time.monotonic() - started)
+        self._metrics.upstream_latency.labels(kind, self.name).observe(time.monotonic() - started)
         self._count(kind, outcome)
 
     def _count(self, kind: str, outcome: str) -> None:
-        self._metrics.upstream_requests.labels(kind, outcome).inc()
+        self._metrics.upstream_requests.labels(kind, outcome, self.name).inc()
         if outcome == "refused":
             return  # a hostile link says nothing about whether upstream is up
         self.last_ok = outcome != "error"
-        self._metrics.upstream_up.set(1 if self.last_ok else 0)
+        self._metrics.upstream_up.labels(self.name).set(1 if self.last_ok else 0)
 
     async def _follow(self, url: str, **kwargs: Any) -> aiohttp.ClientResponse:
         """GET url, following redirects by hand: each hop is checked (refusal)
@@ -274,7 +274,8 @@ class UpstreamClient:
             if resp.status != 200:
                 self._record("file", "error", started)
                 raise UpstreamUnavailable(f"Upstream answered {resp.status} for the file")
-            self._metrics.upstream_latency.labels("file").observe(time.monotonic() - started)
+            self._metrics.upstream_latency.labels("file", self.name).observe(
+                time.monotonic() - started)
             try:
                 yield resp
             except Exception:

@@ -38,6 +38,7 @@ from packaging.utils import InvalidName, canonicalize_name
 from .config import Config
 from .fsutil import commit, temp_path
 from .metrics import Metrics
+from .registry import UpstreamSpec
 from .simple_api import UPSTREAM_ACCEPT
 
 log = logging.getLogger("indexguard.guard")
@@ -221,6 +222,15 @@ def _safe_etag(value: str | None) -> str | None:
 # --- the service ---------------------------------------------------------------------------
 
 
+def source(config: Config) -> UpstreamSpec:
+    """The upstream whose project list tells collisions: the last upstream of the
+    default group, the public catch-all in the usual setup (PyPI after a
+    routed PyTorch index); for a config without `upstreams`, upstream.*."""
+    members = config.registry.default_group.upstream_members
+    spec = config.registry.upstream(members[-1].name) if members else None
+    return spec if spec is not None else config.registry.upstreams[-1]
+
+
 class UpstreamNames:
     """The upstream's project list: asked in the background, never on a request's path.
 
@@ -280,7 +290,7 @@ class UpstreamNames:
         task = self._task
         if task is not None and not task.done():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), config.upstream.timeout)
+                await asyncio.wait_for(asyncio.shield(task), source(config).timeout)
 
     def report(self, config: Config) -> dict[str, object]:
         """For /-/guard: whether collisions can be detected, and from what (asking
@@ -306,7 +316,7 @@ class UpstreamNames:
 
     def _current(self, config: Config) -> NameList | None:
         names = self._list
-        if names is None or names.upstream != url_key(config.upstream.url):
+        if names is None or names.upstream != url_key(source(config).url):
             return None
         return names
 
@@ -316,10 +326,10 @@ class UpstreamNames:
         now = time.time()
         if current is not None and now - current.fetched_at < config.guard.names_ttl:
             return
-        upstream, forward = url_key(config.upstream.url), config.upstream.forward
+        upstream, forward = url_key(source(config).url), config.upstream.forward
         # With no list at all, uploads under upload_collision: reject wait on it:
         # ask again as soon as the upstream's outage backoff allows.
-        retry = (config.upstream.backoff if current is None
+        retry = (source(config).backoff if current is None
                  else min(RETRY_AFTER_FAILURE, config.guard.names_ttl))
         if self._tried is not None and self._tried[:2] == (upstream, forward) and (
             now - self._tried[2] < retry
@@ -329,7 +339,7 @@ class UpstreamNames:
         self._task = asyncio.create_task(self._refresh(config))
 
     async def _refresh(self, config: Config) -> None:
-        upstream = url_key(config.upstream.url)
+        upstream = url_key(source(config).url)
         try:
             if await self._adopt_saved(config, upstream) or not config.upstream.forward:
                 return
@@ -388,15 +398,15 @@ class UpstreamNames:
         headers = {"Accept": UPSTREAM_ACCEPT, "Accept-Encoding": "gzip"}
         if current is not None and current.etag:
             headers["If-None-Match"] = current.etag
-        timeout = aiohttp.ClientTimeout(total=FETCH_BUDGET, connect=config.upstream.timeout,
-                                        sock_read=config.upstream.timeout)
+        timeout = aiohttp.ClientTimeout(total=FETCH_BUDGET, connect=source(config).timeout,
+                                        sock_read=source(config).timeout)
         limit = config.guard.names_max_bytes
         outcome = "error"
         try:
             # No redirects: the list comes from upstream.url itself, nowhere else.
-            credentials = config.upstream.credentials  # the upstream's own origin only
+            credentials = source(config).credentials  # the upstream's own origin only
             async with self._session.get(
-                config.upstream.url, headers=headers, timeout=timeout, allow_redirects=False,
+                source(config).url, headers=headers, timeout=timeout, allow_redirects=False,
                 auth=aiohttp.BasicAuth(*credentials) if credentials else None,
             ) as resp:
                 if resp.status == 304 and current is not None:
@@ -420,7 +430,7 @@ class UpstreamNames:
             reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             raise NamesUnavailable(f"upstream project list failed: {reason}") from None
         finally:
-            self._metrics.upstream_requests.labels("names", outcome).inc()
+            self._metrics.upstream_requests.labels("names", outcome, source(config).name).inc()
         fresh = NameList(keys, upstream, etag, time.time(), scanner.format)
         try:
             fresh = replace(fresh, fetched_at=await asyncio.to_thread(

@@ -100,7 +100,7 @@ def test_second_install_makes_no_upstream_file_request_and_survives_upstream_dow
     assert installed_version(tmp_path / "venv", "tiny-app") == "2.0"
     metrics = get(proxy.url + "/metrics")[2].decode()
     stale = [line for line in metrics.splitlines()
-             if line.startswith("indexguard_stale_pages_served_total ")]
+             if line.startswith('indexguard_stale_pages_served_total{upstream="pypi"} ')]
     assert stale and float(stale[0].split()[1]) >= 1
 
 
