@@ -94,7 +94,8 @@ class Ctx:
                 shutil.rmtree(srv.work / "server", ignore_errors=True)
 
     def targets(self, include_log: bool = False) -> list[str]:
-        return [n for n in self.proxies if include_log or not n.endswith("-log")]
+        return [n for n in self.proxies
+                if (include_log or not n.endswith("-log")) and not n.endswith("-group")]
 
     def with_baseline(self, names: list[str]) -> list[str]:
         return (["nginx"] if self.baseline else []) + names
@@ -170,6 +171,28 @@ def pages(ctx: Ctx) -> None:
                     f"{n} {ctx.res.median(fig, 'req/s', n) or 0:.0f}/s" for n in urls))
         for name, pids in workers.items():
             ctx.res.add("RSS under page load", "peak MiB per worker", name, _peak_rss(pids))
+
+
+def group_pages(ctx: Ctx) -> None:
+    """Issue 11: a warm page through a group of five indexes and two upstreams,
+    side by side with the one-index, one-upstream server, in the same runs."""
+    names = ["indexguard-w1", "indexguard-w1-group"]
+    with _all_started(ctx, names) as started:
+        workers = {name: srv.worker_pids() for name, srv in started.items()}
+        for fmt, accept in (("HTML", loadgen.HTML_ACCEPT), ("JSON", loadgen.JSON_ACCEPT)):
+            fig = f"group page, 50-file {fmt}"
+            urls: dict[str, str] = {}
+            for name, srv in started.items():
+                with ctx.guard(f"{fig} on {name}"):
+                    for _ in range(3):
+                        _get(srv.page_url(FIFTY), accept)
+                    urls[name] = srv.page_url(FIFTY)
+            for run in range(ctx.runs):
+                for name, url in urls.items():
+                    with ctx.guard(f"{fig} on {name}"):
+                        _page_run(ctx, fig, name, url, accept, workers[name], run)
+            ctx.log(f"  {fig}: " + ", ".join(
+                f"{n} {ctx.res.median(fig, 'req/s', n) or 0:.0f}/s" for n in urls))
 
 
 def _page_run(ctx: Ctx, fig: str, name: str, url: str, accept: str, workers: list[int],
@@ -395,6 +418,7 @@ def rss_pages(ctx: Ctx) -> None:
 
 FIGURES: dict[str, Callable[[Ctx], None]] = {
     "pages": pages,
+    "group": group_pages,
     "file": cached_file,
     "uv": uv_install,
     "cold": cold_concurrency,

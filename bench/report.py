@@ -97,6 +97,8 @@ def _one_fetch(res: Results, fig: str, srv: str) -> bool | None:
 TARGETS: tuple[Target, ...] = (
     _pages_target,
     _simple("cached file", "MiB/s", ">= 90% nginx", _vs("MiB/s", "nginx", 0.9, True)),
+    _simple("group page", "req/s", ">= 0.9x indexguard-w1",
+            _vs("req/s", "indexguard-w1", 0.9, True)),
     _simple("uv pip install", "cold s", "<= 1.2x nginx", _vs("cold s", "nginx", 1.2, False)),
     _simple("uv pip install", "warm s", "<= 1.05x nginx", _vs("warm s", "nginx", 1.05, False)),
     _simple("", "upstream fetches", "== 1", _one_fetch),

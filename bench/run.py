@@ -64,6 +64,8 @@ def _proxies(upstream: str, smoke: bool, with_peers: bool, source: Path | None,
     out: dict[str, figures.ServerFactory] = {
         "indexguard-w1": partial(ig, workers=1),
     }
+    # Issue 11: the same page through a group of five indexes and two upstreams.
+    out["indexguard-w1-group"] = partial(ig, workers=1, group=True)
     if not smoke:
         out["indexguard-w2"] = partial(ig, workers=2)
         out["indexguard-w1-log"] = partial(ig, workers=1, access_log=True)

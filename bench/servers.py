@@ -280,17 +280,41 @@ def token_sha256() -> str:
     return hashlib.sha256(UPLOAD_SECRET.encode()).hexdigest()
 
 
+def group_layout(upstream: str) -> dict[str, object]:
+    """A group of five indexes and two upstreams: a name walks every index, then a
+    routed upstream whose names filter turns it down, then the catch-all (both
+    upstreams are the same nginx: what is measured is the walk)."""
+    indexes = ["platform", "ml", "data", "web", "tools"]
+    upstream_keys = {"index_ttl": 3600, "timeout": 60}
+    return {
+        "upstream": {"index_ttl": 3600, "timeout": 60},
+        "indexes": [{"name": n} for n in indexes],
+        "upstreams": [{"name": "pytorch", "url": upstream, "not_found": [403, 404],
+                       **upstream_keys},
+                      {"name": "pypi", "url": upstream, **upstream_keys}],
+        "groups": [{"name": "default", "members": [
+            *({"index": n} for n in indexes),
+            {"upstream": "pytorch", "names": ["torch", "torchvision", "nvidia-*"]},
+            {"upstream": "pypi"},
+        ]}],
+    }
+
+
 class Indexguard(Server):
     name = "indexguard"
 
     def __init__(self, work: Path, upstream: str, workers: int = 1,
-                 access_log: bool = False, source: Path | None = None) -> None:
+                 access_log: bool = False, source: Path | None = None,
+                 group: bool = False) -> None:
         super().__init__(work)
         self.upstream = upstream
         self.workers = workers
         self.access_log = access_log
         self.source = source  # a directory holding another `proxy` package to run instead
-        self.name = f"indexguard-w{workers}" + ("-log" if access_log else "")
+        # The issue-11 shape: five private indexes and two upstreams in one group.
+        self.group = group
+        self.name = (f"indexguard-w{workers}" + ("-log" if access_log else "")
+                     + ("-group" if group else ""))
 
     def start(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -306,6 +330,8 @@ class Indexguard(Server):
             "log": {"level": "info" if self.access_log else "warning",
                     "access_log": self.access_log},
         }
+        if self.group:
+            config.update(group_layout(self.upstream))
         path = self.work / "config.yaml"
         path.write_text(json.dumps(config))  # JSON is YAML
         env = {"PYTHONPATH": str(self.source)} if self.source else None
