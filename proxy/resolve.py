@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Protocol
 
+from .errors import quoted
 from .patterns import first_match
 from .registry import GroupSpec, IndexSpec, Registry, UpstreamSpec
 
@@ -35,8 +36,8 @@ class Reserved:
 
     @property
     def reason(self) -> str:
-        return f"{self.name} is reserved for private packages ({self.pattern!r} in group " \
-               f"{self.group})"
+        return (f"{self.name} is reserved for private packages ({quoted(self.pattern)} "
+                f"in group {self.group})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -453,8 +453,8 @@ def test_a_private_name_in_either_index_wins_over_every_upstream() -> None:
 def test_a_reserved_name_is_refused_with_the_pattern() -> None:
     reserved = _resolve("acme-new")
     assert isinstance(reserved, Reserved) and reserved.pattern == "acme-*"
-    assert reserved.reason == "acme-new is reserved for private packages ('acme-*' in group " \
-                              "default)"
+    assert reserved.reason == ('acme-new is reserved for private packages ("acme-*" in group '
+                              'default)')
     assert isinstance(_resolve("acme-new", "ml"), Private)
 
 
