@@ -145,6 +145,12 @@ class Mirror:
             return entry
         return None
 
+    def fresh_absence(self, name: NormalizedName, config: Config, now: float) -> bool:
+        """Whether this upstream said "no such project" within negative_ttl (memory only)."""
+        entry = self.memory.get(self.key(name))
+        return (entry is not None and entry.page is None
+                and now - entry.fetched_at < self.settings(config).negative_ttl)
+
     async def page(
         self, name: NormalizedName, config: Config, want: tuple[Format, str] | None = None,
     ) -> CachedPage:

@@ -112,6 +112,23 @@ class Reader:
         if isinstance(resolution, Reserved | ForwardOff | Missing):
             raise NotFound(resolution.reason)
 
+    def _walk_in_memory(
+        self, name: NormalizedName, candidates: Upstreams, config: Config, now: float,
+    ) -> tuple[Mirror, CachedPage] | None:
+        """The walk, when memory alone can decide it: every upstream before the
+        answering one said "not found" recently, and the answering one's page is
+        fresh. None: ask _walk()."""
+        for spec in candidates.candidates:
+            mirror = self.mirrors.get(spec.name)
+            if mirror is None:
+                return None
+            entry = mirror.fresh_in_memory(name, config, now)
+            if entry is not None:
+                return mirror, entry
+            if not mirror.fresh_absence(name, config, now):
+                return None
+        return None
+
     async def _walk(
         self, name: NormalizedName, candidates: Upstreams, config: Config,
         want: tuple[Format, str] | None, now: float,
@@ -150,9 +167,11 @@ class Reader:
             )
         self._refuse(resolution)
         assert isinstance(resolution, Upstreams)
-        # The warm path makes no coroutine call but the walk's: a fresh entry in
-        # memory, and its page already rendered for this format.
-        mirror, entry = await self._walk(name, resolution, config, (fmt, ctype), now)
+        # The warm path makes no coroutine call: fresh entries in memory, and the
+        # answering page already rendered for this format.
+        mirror, entry = self._walk_in_memory(name, resolution, config, now) or await self._walk(
+            name, resolution, config, (fmt, ctype), now
+        )
         upstream_page = entry.page
         assert upstream_page is not None
         mirror.note_served(name)

@@ -82,14 +82,15 @@ class GroupSpec:
     reserved: tuple[str, ...] = ()
     # The group's forwarding toggle; upstream.forward: false still stops all.
     forward: bool = True
+    # Derived from members once: resolve() reads them on every request.
+    index_names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    upstream_members: tuple[Member, ...] = field(init=False, repr=False, compare=False)
 
-    @property
-    def index_names(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.members if m.kind == "index")
-
-    @property
-    def upstream_members(self) -> tuple[Member, ...]:
-        return tuple(m for m in self.members if m.kind == "upstream")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index_names",
+                           tuple(m.name for m in self.members if m.kind == "index"))
+        object.__setattr__(self, "upstream_members",
+                           tuple(m for m in self.members if m.kind == "upstream"))
 
 
 @dataclass(frozen=True, slots=True)
