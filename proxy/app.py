@@ -155,6 +155,7 @@ def edge(handler: Handler, label: str, scope: str | None) -> Handler:
                 response = _error_response(request, exc)
             except web.HTTPException as exc:
                 status = exc.status
+                _private_if_credentialed(request, exc)
                 raise
             except (ConnectionError, asyncio.CancelledError):
                 # The client went away (or was cut off): nginx's 499, not a server error.
@@ -165,6 +166,7 @@ def edge(handler: Handler, label: str, scope: str | None) -> Handler:
                               extra={"path": request.path, "method": request.method})
                 response = web.Response(status=500, text="Internal server error\n")
             status = response.status
+            _private_if_credentialed(request, response)
             if life.draining:
                 # Finish this request, take no further one on its connection.
                 response.force_close()
@@ -204,20 +206,15 @@ async def _authorize(request: web.Request, scope: str) -> None:
         request[CREDENTIALED] = True
 
 
-async def _private_if_credentialed(request: web.Request, response: web.StreamResponse) -> None:
+def _private_if_credentialed(request: web.Request, response: web.StreamResponse) -> None:
     """An answer that took credentials must not be kept by a shared (front) cache,
-    or it would serve private wheels and pages to anyone who asks after."""
-    if request.get(CREDENTIALED):
-        response.headers["Cache-Control"] = private_cache_control(
+    or it would serve private wheels and pages to anyone who asks after. Here
+    for answers prepared after the handler (pages, errors, redirects); a file
+    the handler sends itself is marked by web_simple. Not an on_response_prepare
+    hook: aiohttp then awaits a signal for every response (bench: warm pages)."""
+    if request.get(CREDENTIALED) and not response.prepared:
+        response.headers["Cache-Control"] = web_simple.private_cache_control(
             response.headers.get("Cache-Control"))
-
-
-def private_cache_control(value: str | None) -> str:
-    """The Cache-Control value with `public` replaced by `private`, the rest kept
-    (max-age=0, must-revalidate for pages; immutable for files)."""
-    kept = [d.strip() for d in (value or "").split(",")
-            if d.strip() and d.strip().lower() not in ("public", "private")]
-    return ", ".join(["private", *kept])
 
 
 def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
@@ -391,6 +388,5 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
 
     app.cleanup_ctx.append(resources)
     app.on_startup.append(_on_startup)
-    app.on_response_prepare.append(_private_if_credentialed)
     _routes(app)
     return app

@@ -122,6 +122,14 @@ def view_of(request: web.Request, config: Config) -> View:
     return view
 
 
+def private_cache_control(value: str | None) -> str:
+    """The Cache-Control value with `public` replaced by `private`, the rest kept
+    (max-age=0, must-revalidate for pages; immutable for files)."""
+    kept = [d.strip() for d in (value or "").split(",")
+            if d.strip() and d.strip().lower() not in ("public", "private")]
+    return ", ".join(["private", *kept])
+
+
 def _project_name(raw: str) -> NormalizedName:
     """Raises NotFound for anything that is not a project name: such a request
     never reaches the store or the upstream."""
@@ -222,8 +230,12 @@ async def _answer_file(
     request: web.Request, filename: str, source: LocalFile | RemoteFile,
 ) -> web.StreamResponse:
     metrics = request.app[METRICS]
+    credentialed = request.get(IDENTITY, ANONYMOUS) is not ANONYMOUS
     headers = {
-        "Content-Type": _content_type(filename), "Cache-Control": _FILE_CACHE_CONTROL,
+        "Content-Type": _content_type(filename),
+        # Sent by the handler itself, so marked here, not by app.edge.
+        "Cache-Control": (private_cache_control(_FILE_CACHE_CONTROL) if credentialed
+                          else _FILE_CACHE_CONTROL),
         "Accept-Ranges": "bytes", **_NOSNIFF,
     }
     # The content hash is the strongest validator there is, and the same

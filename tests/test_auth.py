@@ -6,10 +6,10 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from proxy.app import private_cache_control
 from proxy.auth import client_address
 from proxy.cli import connection_cap
 from proxy.login_limit import FailureLimit
+from proxy.web_simple import private_cache_control
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
