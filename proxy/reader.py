@@ -35,6 +35,8 @@ from .simple_api import Format
 from .store import PrivateStore
 
 guard_log = logging.getLogger("indexguard.guard")
+# Remembered resolutions; past this the memo starts over (names are unbounded).
+_MEMO_ENTRIES = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,11 @@ class Reader:
         self.ledger = ledger
         self.metrics = metrics
         self._keep_renders = keep_renders
+        # Resolutions per (group, name, which indexes hold it), for _memo_config.
+        self._memo: dict[tuple[str, str, tuple[bool, ...]], Resolution] = {}
+        self._memo_config: Config | None = None
+        # /i/<index>/ views as groups of one member, made once.
+        self._alone: dict[str, GroupSpec] = {}
 
     @property
     def store(self) -> PrivateStore:
@@ -77,7 +84,11 @@ class Reader:
         if view.kind == "index":
             if view.name not in self.stores or registry.index(view.name) is None:
                 raise NotFound(f"No index named {view.name}")
-            return GroupSpec(f"index:{view.name}", (Member("index", view.name),), (), False)
+            alone = self._alone.get(view.name)
+            if alone is None:
+                alone = self._alone[view.name] = GroupSpec(
+                    f"index:{view.name}", (Member("index", view.name),), (), False)
+            return alone
         group = registry.group(view.name)
         if group is None:
             raise NotFound(f"No group named {view.name}")
@@ -87,11 +98,25 @@ class Reader:
         self, name: NormalizedName, view: View, config: Config, client: str,
     ) -> Resolution:
         group = self.group_of(view, config)
-        resolution = resolve(
-            name, group, config.registry,
-            lambda index: index in self.stores and self.stores[index].is_private(name),
-            config.upstream.forward,
-        )
+        stores = self.stores
+        held = tuple([  # a list first: faster than a generator for a handful
+            index in stores and stores[index].is_private(name) for index in group.index_names
+        ])
+        # resolve() is pure: its answer depends on the config and on which indexes
+        # hold the name, so it is remembered per those (a warm page is asked the
+        # same question thousands of times a second; bench: group page).
+        if config is not self._memo_config:
+            self._memo.clear()
+            self._memo_config = config
+        key = (group.name, name, held)
+        resolution = self._memo.get(key)
+        if resolution is None:
+            holders = dict(zip(group.index_names, held, strict=True))
+            resolution = resolve(name, group, config.registry,
+                                 lambda index: holders.get(index, False), config.upstream.forward)
+            if len(self._memo) >= _MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[key] = resolution
         rule = resolution.rule
         self.metrics.count(self.metrics.guard_decisions, rule, view.label)
         level = logging.DEBUG if rule == "upstream" else logging.INFO
@@ -195,12 +220,12 @@ class Reader:
     ) -> Rendered | None:
         """The page rendered earlier, while `token`'s objects are the same ones."""
         hit = self.memory.rendered(key, ctype)
-        if (
-            hit is not None and now < hit[1] and len(hit[0]) == len(token)
-            and all(a is b for a, b in zip(hit[0], token, strict=True))
-        ):
-            return hit[2]
-        return None
+        if hit is None or now >= hit[1] or len(hit[0]) != len(token):
+            return None
+        for kept, wanted in zip(hit[0], token, strict=True):
+            if kept is not wanted:
+                return None
+        return hit[2]
 
     async def _render(
         self, key: str, fmt: Format, ctype: str, token: tuple[object, ...],
