@@ -80,10 +80,10 @@ def parse_page(
 
 def _parse_and_render(
     body: bytes, content_type: str, url: str, name: NormalizedName, config: Config,
-    now: float, fmt: Format, ctype: str,
+    min_age: float | None, now: float, fmt: Format, ctype: str,
 ) -> tuple[ProjectPage, Prerendered]:
     page = parse_page(body, content_type, url, name)
-    shown, valid_until, hidden = visible(page, config, now)
+    shown, valid_until, hidden = visible(page, config, now, min_age)
     return page, Prerendered(shown, valid_until, hidden,
                              render_page(shown, fmt, ctype, "upstream"))
 
@@ -209,7 +209,7 @@ class Mirror:
                 else:
                     page, pre = await asyncio.to_thread(
                         _parse_and_render, resp.body, resp.content_type, resp.url, name,
-                        config, now, *want,
+                        config, settings.min_age, now, *want,
                     )
             except PageParseError as exc:
                 return self._stale_or_fail(
