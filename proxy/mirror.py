@@ -35,6 +35,7 @@ from .registry import UpstreamSpec
 from .simple_api import Format, PageParseError, upstream_page_url
 from .simple_api import parse_page as parse_any_page
 from .upstream import UpstreamClient, refusal
+from .upstream_names import names_source
 
 log = logging.getLogger("indexguard.index")
 
@@ -224,7 +225,12 @@ class Mirror:
         elif resp.outcome == "not_found":
             fresh = CachedPage(None, now)
             self.metrics.count(self.metrics.index_cache, "miss")
-            self.ledger.remember(name, False)
+            # "Not upstream" only from the upstream whose project list the guard
+            # reads: a routed upstream's 403 says nothing of PyPI, and would let
+            # an upload of a PyPI name through under upload_collision: reject.
+            source = names_source(config)
+            if source is not None and source.name == self.name:
+                self.ledger.remember(name, False)
         else:
             reason = resp.reason or "upstream unavailable"
             if resp.down:

@@ -643,3 +643,25 @@ def test_admin_acts_per_index_and_the_guard_reports_names_held_twice(
         assert refused.status == 403 and b"may not administer index platform" in refused.body
     page = orjson.loads(world.get("/i/platform/simple/shared-lib/").body)
     assert page["files"][0]["yanked"] is False
+
+
+def test_a_routed_upstreams_403_never_clears_a_name_for_upload(
+    make_proxy: MakeProxy, upstream: FakeUpstream,
+    pytorch_like: tuple[FakeUpstream, FakeUpstream], artifacts_dir: Path, tmp_path: Path,
+) -> None:
+    """The PyTorch-like upstream not hosting nvidia-extra says nothing of PyPI,
+    which has it: an upload of it under upload_collision: reject is refused,
+    even right after a walk that got that 403 and then failed on PyPI."""
+    torch, torch_files = pytorch_like
+    _publish_upstream(artifacts_dir, upstream, torch, torch_files)
+    config = registry_config(upstream, torch, torch_files)
+    config["guard"] = {"upload_collision": "reject"}
+    proxy = make_proxy(config)
+    world = World(proxy, upstream, torch, torch_files, {}, artifacts_dir)
+    upstream.fault("status", code=503, path_prefix="/simple/nvidia-extra/")
+    assert world.get("/simple/nvidia-extra/").status == 502
+    assert len(torch.page_requests("nvidia-extra")) == 1
+
+    mine = build_wheel(tmp_path, "nvidia-extra", "0.1")
+    result = twine_upload(proxy.url + "/i/ml/", [mine], WRITER, WRITER_SECRET)
+    _refused(result, 403, "exists on the upstream index")
