@@ -28,6 +28,7 @@ from tests.support.clients import (
     pip_install,
     twine_upload,
     uv_install,
+    uv_publish,
     uv_venv,
 )
 from tests.support.server import DELETE, ProxyServer
@@ -380,8 +381,9 @@ def test_gitlab_project_and_group_urls(world: World, tmp_path: Path) -> None:
     assert world.files_on("/api/v4/projects/43/packages/pypi/simple/torch/") == [
         world.wheels["torch-pypi"].name]
     ml_lib = build_wheel(tmp_path / "ml", "ml-lib", "1.0")
-    _ok(twine_upload(world.proxy.url + "/api/v4/projects/43/packages/pypi", [ml_lib],
-                     ML_WRITER, ML_SECRET))
+    # uv publish takes GitLab's 201 too.
+    _ok(uv_publish(world.proxy.url + "/api/v4/projects/43/packages/pypi", [ml_lib],
+                   ML_WRITER, ML_SECRET))
     assert world.files_on("/i/ml/simple/ml-lib/") == [ml_lib.name]
     # ml-ci may write to ml, but read only the group default: not through 43.
     assert world.get("/api/v4/projects/43/packages/pypi/simple/ml-lib/",
@@ -665,3 +667,22 @@ def test_a_routed_upstreams_403_never_clears_a_name_for_upload(
     mine = build_wheel(tmp_path, "nvidia-extra", "0.1")
     result = twine_upload(proxy.url + "/i/ml/", [mine], WRITER, WRITER_SECRET)
     _refused(result, 403, "exists on the upstream index")
+
+
+def test_routed_upstream_error_with_a_cached_page_serves_it_stale(
+    make_proxy: MakeProxy, upstream: FakeUpstream,
+    pytorch_like: tuple[FakeUpstream, FakeUpstream], artifacts_dir: Path,
+) -> None:
+    """Stale rules per upstream: the routed upstream's own cached page, never PyPI's."""
+    torch, torch_files = pytorch_like
+    wheels = _publish_upstream(artifacts_dir, upstream, torch, torch_files)
+    proxy = make_proxy(registry_config(upstream, torch, torch_files, index_ttl=0))
+    world = World(proxy, upstream, torch, torch_files, wheels, artifacts_dir)
+    assert world.files_on("/simple/torch/") == [wheels["torch-routed"].name]
+    torch.fault("status", code=503, path_prefix="/simple/")
+    asked = len(torch.page_requests("torch"))
+    assert world.files_on("/simple/torch/") == [wheels["torch-routed"].name]
+    assert len(torch.page_requests("torch")) == asked + 1  # asked again: it was stale
+    answer = world.get(f"/files/torch/{wheels['torch-routed'].name}")
+    assert answer.status == 200 and answer.body == wheels["torch-routed"].read_bytes()
+    assert upstream.page_requests("torch") == [] and upstream.file_requests() == []
