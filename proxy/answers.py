@@ -59,8 +59,10 @@ def render_page(page: ProjectPage, fmt: Format, ctype: str, source: Source) -> R
     return Rendered(body, gz, f'"{digest}"', ctype, source)
 
 
-def visible(page: ProjectPage, config: Config, now: float) -> tuple[ProjectPage, float, int]:
-    """Apply guard.min_age and drop metadata links the proxy cannot verify.
+def visible(
+    page: ProjectPage, config: Config, now: float, min_age: float | None,
+) -> tuple[ProjectPage, float, int]:
+    """Apply the upstream's min_age and drop metadata links the proxy cannot verify.
 
     Returns the page to show, until when it holds, and how many files it hides.
     """
@@ -68,9 +70,9 @@ def visible(page: ProjectPage, config: Config, now: float) -> tuple[ProjectPage,
     hidden = 0
     valid_until = float("inf")
     for f in page.files:
-        if too_young(f, page.name, config, now):
+        if too_young(f, page.name, config, now, min_age):
             hidden += 1
-            valid_until = min(valid_until, matures_at(f, config) or valid_until)
+            valid_until = min(valid_until, matures_at(f, min_age) or valid_until)
             continue
         if f.metadata_hashes is not None and "sha256" not in f.metadata_hashes:
             f = dataclasses.replace(f, metadata_hashes=None)

@@ -140,6 +140,9 @@ def edge(handler: Handler, label: str, scope: str | None) -> Handler:
     A FileResponse is sent after the handler returns; cli.py waits for those
     separately, by waiting for their connections to close.
     """
+    # GitLab's package URLs ignore the username (CI sends gitlab-ci-token).
+    any_user = label.startswith("/api/v4/")
+
     async def wrapped(request: web.Request) -> web.StreamResponse:
         app = request.app
         life = app[LIFECYCLE]
@@ -149,7 +152,7 @@ def edge(handler: Handler, label: str, scope: str | None) -> Handler:
         try:
             try:
                 if scope is not None and not _open_to_anonymous(request, scope):
-                    await _authorize(request, scope)
+                    await _authorize(request, scope, any_user)
                 response = await handler(request)
             except ProxyError as exc:
                 response = _error_response(request, exc)
@@ -188,13 +191,13 @@ def _open_to_anonymous(request: web.Request, scope: str) -> bool:
     return True
 
 
-async def _authorize(request: web.Request, scope: str) -> None:
+async def _authorize(request: web.Request, scope: str, any_user: bool = False) -> None:
     config = request.app[CONFIG].current
     client = client_address(request.remote, request.headers.get("X-Forwarded-For"),
                             config.listen.trusted_proxies)
     try:
         identity = await request.app[AUTH].identify(
-            request.headers.get("Authorization"), config.auth, client)
+            request.headers.get("Authorization"), config.auth, client, any_user=any_user)
         Authenticator.require(identity, scope, config.auth)
     except ProxyError as exc:
         metrics = request.app[METRICS]

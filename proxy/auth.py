@@ -123,9 +123,14 @@ class Authenticator:
 
     async def identify(
         self, header: str | None, auth: Auth, client: str, today: dt.date | None = None,
+        *, any_user: bool = False,
     ) -> Identity:
         """The caller's identity. Raises Unauthorized, or TooManyRequests when this
-        (client, username) failed too often: only ever for credentials that fail."""
+        (client, username) failed too often: only ever for credentials that fail.
+
+        any_user: the username is ignored, as GitLab does on its package URLs
+        (CI sends gitlab-ci-token); failures are then charged to one key per
+        client, so that a new username per guess buys no extra tries."""
         try:
             creds = parse_basic(header)
         except Unauthorized as exc:
@@ -133,7 +138,9 @@ class Authenticator:
         if creds is None:
             return ANONYMOUS
         user, password = creds
-        token = self._match(user, password, auth.tokens)
+        token = self._match(user, password, auth.tokens, any_user)
+        if any_user:
+            user = "*"
         if token is None:
             await self._failed(client, user, Unauthorized("Invalid credentials"))
         if token.expires is not None and token.expires < (today or dt.date.today()):
@@ -155,12 +162,14 @@ class Authenticator:
         raise exc
 
     @staticmethod
-    def _match(user: str, password: str, tokens: tuple[Token, ...]) -> Token | None:
+    def _match(
+        user: str, password: str, tokens: tuple[Token, ...], any_user: bool = False,
+    ) -> Token | None:
         digest = hash_secret(password)
         found: Token | None = None
         # Compare against every token so the time taken does not tell which matched.
         for token in tokens:
-            name_ok = user in ("__token__", token.name)
+            name_ok = any_user or user in ("__token__", token.name)
             if hmac.compare_digest(digest, token.sha256) and name_ok and found is None:
                 found = token
         return found

@@ -12,6 +12,7 @@ import fnmatch
 import logging
 import time
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import Literal
 
 from packaging.utils import NormalizedName
@@ -69,13 +70,19 @@ def parse_upload_time(text: str) -> float | None:
     return stamp.timestamp()
 
 
-def too_young(entry: FileEntry, name: NormalizedName, config: Config, now: float) -> bool:
+def too_young(
+    entry: FileEntry, name: NormalizedName, config: Config, now: float,
+    min_age: float | EllipsisType | None = ...,
+) -> bool:
     """guard.min_age: hide upstream files uploaded less than min_age ago.
 
-    Files without an upload-time are kept: hiding them would hide all of an
-    upstream that does not report it (PEP 503 HTML pages never do).
+    min_age: the upstream's own (upstreams[].min_age, which defaults to
+    guard.min_age); left out, guard.min_age. Files without an upload-time are
+    kept: hiding them would hide all of an upstream that does not report it
+    (PEP 503 HTML pages never do).
     """
-    min_age = config.guard.min_age
+    if isinstance(min_age, EllipsisType):
+        min_age = config.guard.min_age
     if min_age is None or entry.upload_time is None:
         return False
     if matches_any(name, config.guard.min_age_exempt):
@@ -84,11 +91,11 @@ def too_young(entry: FileEntry, name: NormalizedName, config: Config, now: float
     return uploaded is not None and now - uploaded < min_age
 
 
-def matures_at(entry: FileEntry, config: Config) -> float | None:
-    if config.guard.min_age is None or entry.upload_time is None:
+def matures_at(entry: FileEntry, min_age: float | None) -> float | None:
+    if min_age is None or entry.upload_time is None:
         return None
     uploaded = parse_upload_time(entry.upload_time)
-    return None if uploaded is None else uploaded + config.guard.min_age
+    return None if uploaded is None else uploaded + min_age
 
 
 @dataclass(slots=True)

@@ -35,6 +35,7 @@ from .registry import UpstreamSpec
 from .simple_api import Format, PageParseError, upstream_page_url
 from .simple_api import parse_page as parse_any_page
 from .upstream import UpstreamClient, refusal
+from .upstream_names import names_source
 
 log = logging.getLogger("indexguard.index")
 
@@ -80,10 +81,10 @@ def parse_page(
 
 def _parse_and_render(
     body: bytes, content_type: str, url: str, name: NormalizedName, config: Config,
-    now: float, fmt: Format, ctype: str,
+    min_age: float | None, now: float, fmt: Format, ctype: str,
 ) -> tuple[ProjectPage, Prerendered]:
     page = parse_page(body, content_type, url, name)
-    shown, valid_until, hidden = visible(page, config, now)
+    shown, valid_until, hidden = visible(page, config, now, min_age)
     return page, Prerendered(shown, valid_until, hidden,
                              render_page(shown, fmt, ctype, "upstream"))
 
@@ -215,7 +216,7 @@ class Mirror:
                 else:
                     page, pre = await asyncio.to_thread(
                         _parse_and_render, resp.body, resp.content_type, resp.url, name,
-                        config, now, *want,
+                        config, settings.min_age, now, *want,
                     )
             except PageParseError as exc:
                 return self._stale_or_fail(
@@ -230,7 +231,12 @@ class Mirror:
         elif resp.outcome == "not_found":
             fresh = CachedPage(None, now)
             self.metrics.count(self.metrics.index_cache, "miss", self.name)
-            self.ledger.remember(name, False)
+            # "Not upstream" only from the upstream whose project list the guard
+            # reads: a routed upstream's 403 says nothing of PyPI, and would let
+            # an upload of a PyPI name through under upload_collision: reject.
+            source = names_source(config)
+            if source is not None and source.name == self.name:
+                self.ledger.remember(name, False)
         else:
             reason = resp.reason or "upstream unavailable"
             if resp.down:

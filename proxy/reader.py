@@ -29,7 +29,7 @@ from .mirror import Mirror
 from .model import ProjectPage
 from .page_memory import PageMemory
 from .pagecache import CachedPage
-from .registry import GroupSpec, Member
+from .registry import GroupSpec, Member, UpstreamSpec
 from .resolve import ForwardOff, Missing, Private, Reserved, Resolution, Upstreams, resolve
 from .simple_api import Format
 from .store import PrivateStore
@@ -207,7 +207,7 @@ class Reader:
         hit = self._remembered(key, ctype, token, now)
         if hit is not None:
             return hit
-        page, valid_until = self._visible(upstream_page, config, now)
+        page, valid_until = self._visible(upstream_page, config, mirror.settings(config), now)
         return await self._render(key, fmt, ctype, token, page, valid_until, "upstream")
 
     @staticmethod
@@ -237,8 +237,11 @@ class Reader:
             self.memory.keep_rendered(key, ctype, (token, valid_until, rendered))
         return rendered
 
-    def _visible(self, page: ProjectPage, config: Config, now: float) -> tuple[ProjectPage, float]:
-        shown, valid_until, hidden = visible(page, config, now)
+    def _visible(
+        self, page: ProjectPage, config: Config, upstream: UpstreamSpec, now: float,
+    ) -> tuple[ProjectPage, float]:
+        # min_age is the upstream's own (it defaults to guard.min_age).
+        shown, valid_until, hidden = visible(page, config, now, upstream.min_age)
         if hidden:
             self.metrics.count(self.metrics.min_age_hidden, amount=hidden)
         return shown, valid_until
@@ -288,7 +291,8 @@ class Reader:
         assert isinstance(resolution, Upstreams)
         mirror, listed = await self._answering_page(name, dist_name, resolution, config)
         entry = listed.file(dist_name)
-        if entry is None or too_young(entry, name, config, time.time()):
+        min_age = mirror.settings(config).min_age
+        if entry is None or too_young(entry, name, config, time.time(), min_age):
             raise NotFound(f"No file {dist_name} for {name} upstream")
         return await mirror.file(name, filename, entry, config)
 

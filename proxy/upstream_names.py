@@ -63,6 +63,25 @@ class NamesUnavailable(Exception):
     """The upstream gave no usable project list; the message says why (one line)."""
 
 
+def names_source(config: Config) -> UpstreamSpec | None:
+    """The upstream whose project list tells collisions: the default group's
+    first upstream member that every name may reach (no `names` filter), the
+    public index that routed upstreams stand in front of; else the first
+    upstream; None with no upstream. A config without `upstreams` has one, built
+    from upstream.*. Never upstream.url once `upstreams` is given: it is no
+    upstream then, and its default is the public PyPI."""
+    registry = config.registry
+    for member in registry.default_group.upstream_members:
+        spec = registry.upstream(member.name)
+        if member.names is None and spec is not None:
+            return spec
+    return registry.upstreams[0] if registry.upstreams else None
+
+
+def _source_key(source: UpstreamSpec | None) -> str:
+    return url_key(source.url) if source is not None else ""
+
+
 def name_key(name: str) -> int:
     """The 64-bit digest a normalized name is kept as."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big")
@@ -222,14 +241,6 @@ def _safe_etag(value: str | None) -> str | None:
 # --- the service ---------------------------------------------------------------------------
 
 
-def source(config: Config) -> UpstreamSpec:
-    """The upstream whose project list tells collisions: the last upstream of the
-    default group, the public catch-all in the usual setup (PyPI after a
-    routed PyTorch index); for a config without `upstreams`, upstream.*."""
-    members = config.registry.default_group.upstream_members
-    spec = config.registry.upstream(members[-1].name) if members else None
-    return spec if spec is not None else config.registry.upstreams[-1]
-
 
 class UpstreamNames:
     """The upstream's project list: asked in the background, never on a request's path.
@@ -285,12 +296,13 @@ class UpstreamNames:
         return self._list is not None and self._list.has(name)
 
     async def wait_for_list(self, config: Config) -> None:
-        """Wait, at most upstream.timeout, for the refresh in flight (starting one if due)."""
+        """Wait, at most the upstream's timeout, for the refresh in flight (starting one if due)."""
         self._maybe_refresh(config, self._current(config))
         task = self._task
-        if task is not None and not task.done():
+        source = names_source(config)
+        if task is not None and not task.done() and source is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), source(config).timeout)
+                await asyncio.wait_for(asyncio.shield(task), source.timeout)
 
     def report(self, config: Config) -> dict[str, object]:
         """For /-/guard: whether collisions can be detected, and from what (asking
@@ -316,7 +328,7 @@ class UpstreamNames:
 
     def _current(self, config: Config) -> NameList | None:
         names = self._list
-        if names is None or names.upstream != url_key(source(config).url):
+        if names is None or names.upstream != _source_key(names_source(config)):
             return None
         return names
 
@@ -326,10 +338,13 @@ class UpstreamNames:
         now = time.time()
         if current is not None and now - current.fetched_at < config.guard.names_ttl:
             return
-        upstream, forward = url_key(source(config).url), config.upstream.forward
+        source = names_source(config)
+        if source is None:  # no upstream: no name can collide with one
+            return
+        upstream, forward = url_key(source.url), config.upstream.forward
         # With no list at all, uploads under upload_collision: reject wait on it:
         # ask again as soon as the upstream's outage backoff allows.
-        retry = (source(config).backoff if current is None
+        retry = (source.backoff if current is None
                  else min(RETRY_AFTER_FAILURE, config.guard.names_ttl))
         if self._tried is not None and self._tried[:2] == (upstream, forward) and (
             now - self._tried[2] < retry
@@ -339,7 +354,10 @@ class UpstreamNames:
         self._task = asyncio.create_task(self._refresh(config))
 
     async def _refresh(self, config: Config) -> None:
-        upstream = url_key(source(config).url)
+        source = names_source(config)
+        if source is None:
+            return
+        upstream = url_key(source.url)
         try:
             if await self._adopt_saved(config, upstream) or not config.upstream.forward:
                 return
@@ -347,7 +365,7 @@ class UpstreamNames:
             async with self._exclusive():
                 if await self._adopt_saved(config, upstream):
                     return
-                await self._fetch(config, upstream)
+                await self._fetch(config, source, upstream)
         except NamesUnavailable as exc:
             self._problem = str(exc)
             log.warning("no upstream project list; collisions cannot be detected",
@@ -390,7 +408,7 @@ class UpstreamNames:
         finally:
             os.close(fd)  # and with it the lock
 
-    async def _fetch(self, config: Config, upstream: str) -> None:
+    async def _fetch(self, config: Config, source: UpstreamSpec, upstream: str) -> None:
         """Raises NamesUnavailable."""
         if self._session is None:
             raise NamesUnavailable("the proxy is shutting down")
@@ -398,15 +416,15 @@ class UpstreamNames:
         headers = {"Accept": UPSTREAM_ACCEPT, "Accept-Encoding": "gzip"}
         if current is not None and current.etag:
             headers["If-None-Match"] = current.etag
-        timeout = aiohttp.ClientTimeout(total=FETCH_BUDGET, connect=source(config).timeout,
-                                        sock_read=source(config).timeout)
+        timeout = aiohttp.ClientTimeout(total=FETCH_BUDGET, connect=source.timeout,
+                                        sock_read=source.timeout)
         limit = config.guard.names_max_bytes
         outcome = "error"
         try:
-            # No redirects: the list comes from upstream.url itself, nowhere else.
-            credentials = source(config).credentials  # the upstream's own origin only
+            # No redirects: the list comes from the upstream's url itself, nowhere else.
+            credentials = source.credentials  # the upstream's own origin only
             async with self._session.get(
-                source(config).url, headers=headers, timeout=timeout, allow_redirects=False,
+                source.url, headers=headers, timeout=timeout, allow_redirects=False,
                 auth=aiohttp.BasicAuth(*credentials) if credentials else None,
             ) as resp:
                 if resp.status == 304 and current is not None:
@@ -430,7 +448,7 @@ class UpstreamNames:
             reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             raise NamesUnavailable(f"upstream project list failed: {reason}") from None
         finally:
-            self._metrics.upstream_requests.labels("names", outcome, source(config).name).inc()
+            self._metrics.upstream_requests.labels("names", outcome, source.name).inc()
         fresh = NameList(keys, upstream, etag, time.time(), scanner.format)
         try:
             fresh = replace(fresh, fetched_at=await asyncio.to_thread(

@@ -1,4 +1,4 @@
-"""Real packaging clients (pip, uv, twine) run as subprocesses against loopback indexes.
+"""Real packaging clients (pip, uv, twine, pdm) run as subprocesses against loopback indexes.
 
 Their environment is scrubbed of user and machine index settings, so no test reaches PyPI.
 """
@@ -18,7 +18,7 @@ from packaging.utils import canonicalize_name
 
 DEFAULT_TIMEOUT = 300.0
 # Settings that could point a client at another index, a proxy or a config file.
-_SCRUB_PREFIXES = ("PIP_", "UV_", "TWINE_")
+_SCRUB_PREFIXES = ("PIP_", "UV_", "TWINE_", "PDM_")
 _SCRUB_NAMES = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy"})
 
 Result = subprocess.CompletedProcess[str]
@@ -198,6 +198,29 @@ def uv_publish(
         *(str(f) for f in files),
     ]
     return run(argv, env=env, timeout=timeout)
+
+
+def pdm(
+    project: Path,
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Result:
+    """`pdm <args> -p project`, with its home, cache and config under the project's
+    parent: no user or global pdm settings, no update check, no prompt."""
+    home = project.parent / "pdm-home"
+    home.mkdir(exist_ok=True)
+    merged = {
+        "HOME": str(home),
+        "PDM_CACHE_DIR": str(home / "cache"),
+        "PDM_CHECK_UPDATE": "false",
+        "PDM_NON_INTERACTIVE": "1",
+        # A project's own .venv (made by uv_venv) is the one installed into.
+        "PDM_IGNORE_ACTIVE_VENV": "1",
+        **(env or {}),
+    }
+    argv = [sys.executable, "-m", "pdm", *args, "-p", str(project)]
+    return run(argv, env=merged, timeout=timeout)
 
 
 def site_packages(target_or_venv: Path) -> Path:

@@ -65,10 +65,19 @@ class FakeUpstream:
 
     def __init__(
         self, port: int | None = None, *, require_auth: tuple[str, str] | None = None,
+        host: str = "127.0.0.1", missing_status: int = 404, files_base: str | None = None,
     ) -> None:
         self._port = port
         # Opt-in: every request without these Basic credentials gets a 401.
         self.require_auth = require_auth
+        # Any loopback address (127.x.y.z): a second host for file links.
+        self.host = host
+        # What a project page of a name it does not host answers: the PyTorch
+        # index says 403 where PyPI says 404.
+        self.missing_status = missing_status
+        # Where the pages' file links point (another FakeUpstream's base, as the
+        # PyTorch index links another host); None: this server's own /files/.
+        self.files_base = files_base
         self._lock = threading.Lock()
         self._files: dict[str, UpstreamFile] = {}
         self._requests: list[tuple[str, str]] = []
@@ -131,7 +140,7 @@ class FakeUpstream:
         runner = web.AppRunner(self._make_app(), access_log=None, shutdown_timeout=0.5)
         try:
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", self._port or 0, reuse_address=True)
+            site = web.TCPSite(runner, self.host, self._port or 0, reuse_address=True)
             loop.run_until_complete(site.start())
             self._port = int(runner.addresses[0][1])
         except BaseException as exc:
@@ -163,14 +172,19 @@ class FakeUpstream:
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def netloc(self) -> str:
+        """host:port, as an upstream's file_hosts names it."""
+        return f"{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
         return f"{self.base}/simple/"
 
     def file_url(self, filename: str) -> str:
-        return file_url(self.base, filename)
+        return file_url(self.files_base or self.base, filename)
 
     # ----------------------------------------------------------------- content
     def add(
@@ -367,9 +381,10 @@ class FakeUpstream:
             raise web.HTTPMovedPermanently(f"/simple/{norm}/{self._query(request)}")
         files = sorted(self.files(norm), key=lambda f: (f.version, f.filename))
         if not files:
-            raise web.HTTPNotFound(text=f"no project {norm}\n")
+            return web.Response(status=self.missing_status, text=f"no project {norm}\n")
         ctype = self._content_type(request)
-        return await self._page(request, render_project(self.base, norm, files, ctype), ctype)
+        base = self.files_base or self.base
+        return await self._page(request, render_project(base, norm, files, ctype), ctype)
 
     async def _page(self, request: web.Request, body: bytes, ctype: str) -> web.StreamResponse:
         etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
