@@ -183,4 +183,4 @@ class Authenticator:
             return
         if identity is ANONYMOUS:
             raise Unauthorized("Authentication required")
-        raise Forbidden(f"Token {identity.name} lacks the {scope!r} scope")
+        raise Forbidden(f"Token {identity.name} lacks the {scope} scope")
