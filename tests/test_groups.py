@@ -480,7 +480,7 @@ def test_reader_sees_the_token_error_reason_in_twine(world: World, tmp_path: Pat
     """A read-only token uploading: 403 with the scope in twine's output."""
     wheel = build_wheel(tmp_path, "shared-lib", "1.0")
     result = twine_upload(world.proxy.url + "/i/ml/", [wheel], READER, READER_SECRET)
-    _refused(result, 403, "lacks the 'write' scope")
+    _refused(result, 403, "lacks the write scope")
 
 
 # --- the guard's project list comes from a configured upstream ---------------------------
