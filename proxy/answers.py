@@ -10,8 +10,8 @@ import dataclasses
 import gzip
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import IO, Literal
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
 
 from .config import Config
 from .download import Download
@@ -30,6 +30,9 @@ class Rendered:
     etag: str
     content_type: str
     source: Source
+    # The web layer's wire headers for this page, built on first use (per
+    # variant: plain, gzip, 304): a warm page is answered thousands of times.
+    wire: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -409,7 +409,8 @@ def serve(path: str | None, host: str | None, port: int | None, argv: Sequence[s
     log.info("starting", extra={
         "version": __version__, "config": config.source,
         "listen": f"{config.listen.host}:{config.listen.port}",
-        "upstreams": {u.name: u.url for u in config.registry.upstreams}, "forward": config.upstream.forward,
+        "upstreams": {u.name: u.url for u in config.registry.upstreams},
+        "forward": config.upstream.forward,
         "data_dir": str(config.data_dir.resolve()), "workers": config.worker_count,
         "fd_limit": fd_limit,
     })

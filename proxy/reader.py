@@ -11,6 +11,7 @@ gzip copy (page_memory.py), so a warm page costs a dict lookup.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -49,6 +50,14 @@ class View:
     @property
     def label(self) -> str:
         return self.name if self.kind == "group" else f"index:{self.name}"
+
+
+@functools.lru_cache(maxsize=1024)
+def view(kind: str, name: str) -> View:
+    """The one View per (kind, name): a frozen dataclass costs its __init__, and
+    every request names one (the names come from routes the config bounds, or a
+    404)."""
+    return View(kind, name)
 
 
 class Reader:

@@ -11,6 +11,7 @@ import re
 from urllib.parse import quote
 
 from aiohttp import web
+from multidict import CIMultiDict
 from packaging.utils import NormalizedName
 
 from .answers import LocalFile, RemoteFile, Rendered
@@ -23,6 +24,7 @@ from .fsutil import safe_join
 from .logs import CACHE_OUTCOME
 from .metrics import Metrics
 from .reader import View
+from .reader import view as view_
 from .resolve import may_read_group, may_read_index
 from .simple_api import negotiate, render_root_html, render_root_json
 from .state import CONFIG, IDENTITY, METRICS, READER
@@ -64,24 +66,34 @@ def _etag_matches(request: web.Request, etags: tuple[str, ...]) -> bool:
 
 
 def respond_page(request: web.Request, page: Rendered) -> web.Response:
-    gz_etag = page.etag[:-1] + '-gz"'
-    headers = {"Vary": _VARY, "Cache-Control": _PAGE_CACHE_CONTROL,
-               **_page_headers(page.content_type)}
     use_gzip = page.gzipped is not None and "gzip" in request.headers.get("Accept-Encoding", "")
-    etag = gz_etag if use_gzip else page.etag
-    headers["ETag"] = etag
     request[CACHE_OUTCOME] = page.source
-    if _etag_matches(request, (page.etag, gz_etag)):
-        return web.Response(status=304, headers=headers)
-    if use_gzip:
-        headers["Content-Encoding"] = "gzip"
-        body = page.gzipped
-    else:
-        body = page.body
-    headers["Content-Type"] = (
-        f"{page.content_type}; charset=utf-8" if "html" in page.content_type else page.content_type
-    )
-    return web.Response(body=body, headers=headers)
+    if "If-None-Match" in request.headers and _etag_matches(
+        request, (page.etag, page.etag[:-1] + '-gz"')
+    ):
+        return web.Response(status=304, headers=_page_wire(page, use_gzip, not_modified=True))
+    body = page.gzipped if use_gzip else page.body
+    return web.Response(body=body, headers=_page_wire(page, use_gzip))
+
+
+def _page_wire(page: Rendered, use_gzip: bool, not_modified: bool = False) -> CIMultiDict[str]:
+    """A page's headers, built once per variant and kept with the rendering
+    (aiohttp copies them into each response)."""
+    key = f"{'gz' if use_gzip else 'plain'}{'-304' if not_modified else ''}"
+    wire: CIMultiDict[str] | None = page.wire.get(key)
+    if wire is None:
+        wire = CIMultiDict({"Vary": _VARY, "Cache-Control": _PAGE_CACHE_CONTROL,
+                            **_page_headers(page.content_type)})
+        wire["ETag"] = page.etag[:-1] + '-gz"' if use_gzip else page.etag
+        if not not_modified:
+            if use_gzip:
+                wire["Content-Encoding"] = "gzip"
+            wire["Content-Type"] = (
+                f"{page.content_type}; charset=utf-8" if "html" in page.content_type
+                else page.content_type
+            )
+        page.wire[key] = wire
+    return wire
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -97,21 +109,21 @@ def view_of(request: web.Request, config: Config) -> View:
     info = request.match_info
     registry = config.registry
     if "group" in info:
-        view = View("group", info["group"])
+        view = view_("group", info["group"])
     elif "index" in info:
-        view = View("index", info["index"])
+        view = view_("index", info["index"])
     elif "gl_project" in info:
         alias = registry.gitlab.project(info["gl_project"])
         if alias is None:
             raise NotFound(f"No GitLab project {quoted(info['gl_project'])} (gitlab.projects)")
-        view = View("group", alias.group)
+        view = view_("group", alias.group)
     elif "gl_group" in info:
         group = registry.gitlab.group(info["gl_group"])
         if group is None:
             raise NotFound(f"No GitLab group {quoted(info['gl_group'])} (gitlab.groups)")
-        view = View("group", group)
+        view = view_("group", group)
     else:
-        view = View("group", registry.default_group.name)
+        view = view_("group", registry.default_group.name)
     identity = request.get(IDENTITY, ANONYMOUS)
     if identity is ANONYMOUS:
         return view  # let through by edge(): anonymous reads are on
