@@ -156,19 +156,7 @@ def pages(ctx: Ctx) -> None:
                 servers.reset_hwm(p)
         for project, label in projects:
             for fmt, accept in (("HTML", loadgen.HTML_ACCEPT), ("JSON", loadgen.JSON_ACCEPT)):
-                fig = f"warm page, {label} {fmt}"
-                urls: dict[str, str] = {}
-                for name, srv in started.items():
-                    with ctx.guard(f"{fig} on {name}"):
-                        for _ in range(3):
-                            _get(srv.page_url(project), accept)
-                        urls[name] = srv.page_url(project)
-                for run in range(ctx.runs):
-                    for name, url in urls.items():
-                        with ctx.guard(f"{fig} on {name}"):
-                            _page_run(ctx, fig, name, url, accept, workers[name], run)
-                ctx.log(f"  {fig}: " + ", ".join(
-                    f"{n} {ctx.res.median(fig, 'req/s', n) or 0:.0f}/s" for n in urls))
+                _warm_page(ctx, f"warm page, {label} {fmt}", started, workers, project, accept)
         for name, pids in workers.items():
             ctx.res.add("RSS under page load", "peak MiB per worker", name, _peak_rss(pids))
 
@@ -180,19 +168,24 @@ def group_pages(ctx: Ctx) -> None:
     with _all_started(ctx, names) as started:
         workers = {name: srv.worker_pids() for name, srv in started.items()}
         for fmt, accept in (("HTML", loadgen.HTML_ACCEPT), ("JSON", loadgen.JSON_ACCEPT)):
-            fig = f"group page, 50-file {fmt}"
-            urls: dict[str, str] = {}
-            for name, srv in started.items():
-                with ctx.guard(f"{fig} on {name}"):
-                    for _ in range(3):
-                        _get(srv.page_url(FIFTY), accept)
-                    urls[name] = srv.page_url(FIFTY)
-            for run in range(ctx.runs):
-                for name, url in urls.items():
-                    with ctx.guard(f"{fig} on {name}"):
-                        _page_run(ctx, fig, name, url, accept, workers[name], run)
-            ctx.log(f"  {fig}: " + ", ".join(
-                f"{n} {ctx.res.median(fig, 'req/s', n) or 0:.0f}/s" for n in urls))
+            _warm_page(ctx, f"group page, 50-file {fmt}", started, workers, FIFTY, accept)
+
+
+def _warm_page(ctx: Ctx, fig: str, started: dict[str, Server], workers: dict[str, list[int]],
+               project: str, accept: str) -> None:
+    """One page figure: each server warmed, then every run visits them all in turn."""
+    urls: dict[str, str] = {}
+    for name, srv in started.items():
+        with ctx.guard(f"{fig} on {name}"):
+            for _ in range(3):
+                _get(srv.page_url(project), accept)
+            urls[name] = srv.page_url(project)
+    for run in range(ctx.runs):
+        for name, url in urls.items():
+            with ctx.guard(f"{fig} on {name}"):
+                _page_run(ctx, fig, name, url, accept, workers[name], run)
+    ctx.log(f"  {fig}: " + ", ".join(
+        f"{n} {ctx.res.median(fig, 'req/s', n) or 0:.0f}/s" for n in urls))
 
 
 def _page_run(ctx: Ctx, fig: str, name: str, url: str, accept: str, workers: list[int],

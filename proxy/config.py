@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import yaml
 
-from .patterns import witness
+from .patterns import class_end, witness
 from .registry import (
     LEGACY_UPSTREAM,
     NAME,
@@ -383,7 +383,7 @@ def normalize_pattern(pattern: str) -> str:
             out.append(char)
             i += 1
         elif char == "[":
-            end = _class_end(pattern, i)
+            end = class_end(pattern, i)
             if end < 0:
                 raise ValueError(f"{pattern!r}: '[' is never closed")
             body = pattern[i + 1:end]
@@ -417,16 +417,6 @@ def normalize_pattern(pattern: str) -> str:
             "with '-', '_' or '.'"
         )
     return normalized
-
-
-def _class_end(pattern: str, start: int) -> int:
-    """Index of the ']' closing the class opened at start, as fnmatch reads it; -1 if none."""
-    j = start + 1
-    if j < len(pattern) and pattern[j] == "!":
-        j += 1
-    if j < len(pattern) and pattern[j] == "]":
-        j += 1
-    return pattern.find("]", j)
 
 
 def _patterns(r: _Reader, data: Mapping[str, Any], path: str, key: str) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ def _steps(pattern: str) -> tuple[_Step, ...]:
     i = 0
     while i < len(pattern):
         char = pattern[i]
-        end = _class_end(pattern, i) if char == "[" else -1
+        end = class_end(pattern, i) if char == "[" else -1
         if char == "*":
             steps.append(None)
         elif char == "?":
@@ -49,7 +49,7 @@ def _steps(pattern: str) -> tuple[_Step, ...]:
     return tuple(steps)
 
 
-def _class_end(pattern: str, start: int) -> int:
+def class_end(pattern: str, start: int) -> int:
     """Index of the ']' closing the class opened at start, as fnmatch reads it; -1 if none."""
     j = start + 1
     if j < len(pattern) and pattern[j] == "!":
