@@ -109,8 +109,12 @@ def view_of(request: web.Request, config: Config) -> View:
     info = request.match_info
     registry = config.registry
     if "group" in info:
+        if registry.group(info["group"]) is None:
+            raise NotFound(f"No group named {quoted(info['group'])}")
         view = view_("group", info["group"])
     elif "index" in info:
+        if registry.index(info["index"]) is None:
+            raise NotFound(f"No index named {quoted(info['index'])}")
         view = view_("index", info["index"])
     elif "gl_project" in info:
         alias = registry.gitlab.project(info["gl_project"])

@@ -64,3 +64,17 @@ def test_reasons_quote_client_text_without_a_repr(make_proxy: MakeProxy, tmp_pat
     assert status == 400 and not REPR.search(reason), reason
     status, reason = _reason(proxy.url, "GET", "/simple/reason-pkg/?format=x'y")
     assert status == 406 and not REPR.search(reason), reason
+
+
+def test_unknown_groups_and_indexes_are_404_with_the_name_quoted(make_proxy: MakeProxy) -> None:
+    proxy = make_proxy()
+    for path, what in (("/g/nope/simple/", b'No group named "nope"'),
+                       ("/i/nope/simple/x/", b'No index named "nope"'),
+                       ("/g/%00%ff'/simple/", b"No group named"),
+                       ("/g/" + "a" * 3000 + "/simple/", b"No group named"),
+                       ("/api/v4/projects/99/packages/pypi/simple/", b"No GitLab project")):
+        status, reason = _reason(proxy.url, "GET", path)
+        assert status == 404, (path, status, reason)
+        assert what.decode() in reason and not REPR.search(reason), reason
+    # The default group answers under its own name too.
+    assert _reason(proxy.url, "GET", "/g/default/simple/")[0] == 200
