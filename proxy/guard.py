@@ -1,7 +1,7 @@
-"""The dependency-confusion rules as one pure function, plus the collision ledger.
+"""The guard's policy beside the resolution rules (resolve.py): the min_age cooldown,
+and the collision ledger.
 
-decide() reads top to bottom like the README's rule list; it does no I/O. The
-ledger remembers which blocked names also exist upstream (learned from the
+The ledger remembers which blocked names also exist upstream (learned from the
 upstream's project list, never by naming them upstream, never on a request's path).
 """
 
@@ -13,7 +13,6 @@ import logging
 import time
 from dataclasses import dataclass
 from types import EllipsisType
-from typing import Literal
 
 from packaging.utils import NormalizedName
 
@@ -24,39 +23,8 @@ from .upstream_names import UpstreamNames
 
 guard_log = logging.getLogger("indexguard.guard")
 
-Rule = Literal["private", "reserved", "forward_off", "upstream"]
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    rule: Rule
-    forward: bool
-
-
 def matches_any(name: NormalizedName, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-# Decisions are values: one instance each, not one per request.
-_PRIVATE = Decision("private", forward=False)
-_RESERVED = Decision("reserved", forward=False)
-_FORWARD_OFF = Decision("forward_off", forward=False)
-_UPSTREAM = Decision("upstream", forward=True)
-
-
-def decide(name: NormalizedName, is_private: bool, config: Config) -> Decision:
-    """Which source may answer for a normalized name."""
-    # a. Private now, or ever: the private store alone answers.
-    if is_private:
-        return _PRIVATE
-    # b. Reserved by pattern: never forwarded, even before anything is published.
-    if config.guard.private_only and matches_any(name, config.guard.private_only):
-        return _RESERVED
-    # c. The admin toggle.
-    if not config.upstream.forward:
-        return _FORWARD_OFF
-    # d. Upstream fallback.
-    return _UPSTREAM
 
 
 def parse_upload_time(text: str) -> float | None:

@@ -11,8 +11,9 @@ from packaging.utils import NormalizedName
 from proxy.config import Config, Guard, Upstream
 from proxy.dists import is_safe_filename, normalize_name, parse_dist_filename
 from proxy.errors import BadRequest
-from proxy.guard import decide, too_young
+from proxy.guard import too_young
 from proxy.model import FileEntry
+from proxy.resolve import Upstreams, resolve
 
 
 def test_normalize_name() -> None:
@@ -44,15 +45,24 @@ def _config(**guard: object) -> Config:
 
 
 def test_rules_apply_in_order() -> None:
+    """The rules of a config without groups, as resolve() applies them."""
     n = NormalizedName("acme-utils")
+
+    def rule(config: Config, private: bool) -> str:
+        registry = config.registry
+        return resolve(n, registry.default_group, registry, lambda _index: private,
+                       config.upstream.forward).rule
+
     reserved = _config(private_only=("acme-*",))
-    assert decide(n, True, reserved).rule == "private"
-    assert decide(n, False, reserved).rule == "reserved"
+    assert rule(reserved, True) == "private"
+    assert rule(reserved, False) == "reserved"
     off = dataclasses.replace(Config(), upstream=Upstream(forward=False))
-    assert decide(n, False, off).rule == "forward_off"
-    assert decide(n, True, off).rule == "private"
-    assert decide(n, False, Config()) .rule == "upstream"
-    assert decide(n, False, Config()).forward
+    assert rule(off, False) == "forward_off"
+    assert rule(off, True) == "private"
+    assert rule(Config(), False) == "upstream"
+    registry = Config().registry
+    assert isinstance(resolve(n, registry.default_group, registry, lambda _index: False, True),
+                      Upstreams)
 
 
 def test_min_age_hides_young_files_only() -> None:
