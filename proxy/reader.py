@@ -79,11 +79,6 @@ class Reader:
         # /i/<index>/ views as groups of one member, made once.
         self._alone: dict[str, GroupSpec] = {}
 
-    @property
-    def store(self) -> PrivateStore:
-        """The first index's store (uploads to / and /legacy/, today's admin API)."""
-        return next(iter(self.stores.values()))
-
     # --- resolution --------------------------------------------------------------
 
     def group_of(self, view: View, config: Config) -> GroupSpec:

@@ -17,10 +17,9 @@ from packaging.utils import NormalizedName
 from .answers import LocalFile, RemoteFile, Rendered
 from .auth import ANONYMOUS
 from .config import Config
-from .dists import METADATA_SUFFIX, guess_project, name_from_url
+from .dists import METADATA_SUFFIX, guess_project, is_safe_filename, name_from_url
 from .download import Download, FileSpan
 from .errors import Forbidden, NotFound, ProxyError, quoted
-from .fsutil import safe_join
 from .logs import CACHE_OUTCOME
 from .metrics import Metrics
 from .reader import View
@@ -209,10 +208,16 @@ async def dist_file(request: web.Request) -> web.StreamResponse:
     )
 
 
+def _check_file_name(filename: str) -> None:
+    """Refuse traversal and odd names before anything touches the disk (the
+    stores join paths with fsutil.safe_join too). Raises NotFound."""
+    if not is_safe_filename(filename):
+        raise NotFound("Not found")
+
+
 async def _project_file(request: web.Request, raw: str, filename: str) -> web.StreamResponse:
     name = _project_name(raw)
-    # Reject traversal and odd names before anything touches the disk.
-    safe_join(request.app[READER].store.root, name, filename)
+    _check_file_name(filename)
     if raw != name:
         raise web.HTTPMovedPermanently(f"../{quote(name)}/{quote(filename)}")
     config = request.app[CONFIG].current
@@ -231,7 +236,7 @@ async def gitlab_file(request: web.Request) -> web.StreamResponse:
     project = guess_project(filename.removesuffix(METADATA_SUFFIX))
     if project is None:
         raise NotFound(f"Not a distribution file name: {quoted(filename)}")
-    safe_join(request.app[READER].store.root, project, filename)
+    _check_file_name(filename)
     config = request.app[CONFIG].current
     view = view_of(request, config)
     source = await request.app[READER].file(project, filename, config, _client(request), view)
