@@ -94,10 +94,6 @@ def _parse_and_render(
 Settings = Callable[[Config], UpstreamSpec]
 
 
-def _first_upstream(config: Config) -> UpstreamSpec:
-    return config.registry.upstreams[0]
-
-
 class Mirror:
     """One upstream: owns its page fetches, outage state and served names.
 
@@ -109,7 +105,7 @@ class Mirror:
     def __init__(
         self, client: UpstreamClient, pages: PageCache, artifacts: ArtifactCache,
         memory: PageMemory, ledger: CollisionLedger, metrics: Metrics, keep_renders: bool,
-        *, name: str = "pypi", prefix: str = "", settings: Settings = _first_upstream,
+        *, name: str, prefix: str, settings: Settings,
     ) -> None:
         self.name = name
         self.prefix = prefix

@@ -180,7 +180,7 @@ class Reader:
 
     async def rendered(
         self, name: NormalizedName, fmt: Format, ctype: str, config: Config, client: str,
-        view: View = View("group", "default"),
+        view: View,
     ) -> Rendered:
         """The page for a name in one format. Raises NotFound, UpstreamUnavailable."""
         resolution = self.resolve(name, view, config, client)
@@ -251,7 +251,7 @@ class Reader:
         return shown, valid_until
 
     async def root_names(
-        self, config: Config, view: View = View("group", "default"),
+        self, config: Config, view: View,
     ) -> list[NormalizedName]:
         """The view's private names, and the upstream names it has served."""
         group = self.group_of(view, config)
@@ -269,7 +269,7 @@ class Reader:
 
     async def file(
         self, name: NormalizedName, filename: str, config: Config, client: str,
-        view: View = View("group", "default"),
+        view: View,
     ) -> LocalFile | RemoteFile:
         """Where a file's bytes come from: a file already open, or a transfer
         to start. Only the member that answers the name in the view is asked.

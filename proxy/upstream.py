@@ -24,7 +24,6 @@ from typing import Any, Literal, Protocol
 import aiohttp
 from yarl import URL
 
-from .config import Upstream
 from .errors import NotFound, UpstreamUnavailable
 from .metrics import Metrics
 from .simple_api import UPSTREAM_ACCEPT
@@ -117,8 +116,7 @@ class UpstreamClient:
     """Owns its HTTP session: start() opens it, close() closes it (the app's cleanup_ctx)."""
 
     def __init__(
-        self, metrics: Metrics, user_agent: str, settings: Callable[[], Origin] = Upstream,
-        name: str = "pypi",
+        self, metrics: Metrics, user_agent: str, settings: Callable[[], Origin], name: str,
     ) -> None:
         self.name = name
         self._metrics = metrics
