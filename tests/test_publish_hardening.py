@@ -307,11 +307,16 @@ def test_one_sdist_per_release_whatever_its_format(
     assert list(_files(proxy, "acme-lib")) == [sdist.name]
 
 
+def _same_release_twice(artifacts_dir: Path) -> tuple[Path, Path]:
+    """wpkg 1.0 built twice with different contents: one file name, two sets of bytes."""
+    return (build_wheel(artifacts_dir / "a", "wpkg", "1.0", module_text="a = 1\n"),
+            build_wheel(artifacts_dir / "b", "wpkg", "1.0", module_text="b = 2\n"))
+
+
 def test_a_deleted_file_name_never_comes_back_with_other_bytes(
     proxy: ProxyServer, artifacts_dir: Path,
 ) -> None:
-    first = build_wheel(artifacts_dir / "a", "wpkg", "1.0", module_text="a = 1\n")
-    other = build_wheel(artifacts_dir / "b", "wpkg", "1.0", module_text="b = 2\n")
+    first, other = _same_release_twice(artifacts_dir)
     assert _upload(proxy, first, "wpkg", "1.0").status == 200
     admin = {"Authorization": basic(ADMIN, ADMIN_SECRET)}
     assert call(f"{proxy.url}/-/files/wpkg/{first.name}", "DELETE", headers=admin).status == 200
@@ -330,8 +335,7 @@ def test_a_released_name_keeps_its_used_file_names(
     proxy: ProxyServer, artifacts_dir: Path,
 ) -> None:
     """Releasing hands the name back to upstream, not its file names to new bytes."""
-    first = build_wheel(artifacts_dir / "a", "wpkg", "1.0", module_text="a = 1\n")
-    other = build_wheel(artifacts_dir / "b", "wpkg", "1.0", module_text="b = 2\n")
+    first, other = _same_release_twice(artifacts_dir)
     assert _upload(proxy, first, "wpkg", "1.0").status == 200
     admin = {"Authorization": basic(ADMIN, ADMIN_SECRET)}
     assert call(f"{proxy.url}/-/files/wpkg/{first.name}", "DELETE", headers=admin).status == 200
@@ -347,8 +351,7 @@ def test_a_released_name_keeps_its_used_file_names(
 def test_a_store_written_before_the_record_still_reads_and_still_protects(
     proxy: ProxyServer, artifacts_dir: Path,
 ) -> None:
-    first = build_wheel(artifacts_dir / "a", "wpkg", "1.0", module_text="a = 1\n")
-    other = build_wheel(artifacts_dir / "b", "wpkg", "1.0", module_text="b = 2\n")
+    first, other = _same_release_twice(artifacts_dir)
     assert _upload(proxy, first, "wpkg", "1.0").status == 200
     proxy.stop()
     index = proxy.data_dir / "private" / "wpkg" / "index.json"
