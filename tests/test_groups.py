@@ -9,7 +9,7 @@ from two members, fails it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -158,14 +158,23 @@ def _publish_upstream(
 
 
 @pytest.fixture
-def world(
+def make_world(
     make_proxy: MakeProxy, upstream: FakeUpstream,
     pytorch_like: tuple[FakeUpstream, FakeUpstream], artifacts_dir: Path,
-) -> World:
-    torch, torch_files = pytorch_like
-    wheels = _publish_upstream(artifacts_dir, upstream, torch, torch_files)
-    proxy = make_proxy(registry_config(upstream, torch, torch_files))
-    return World(proxy, upstream, torch, torch_files, wheels, artifacts_dir)
+) -> Callable[..., World]:
+    """The upstreams with their wheels, and a proxy over them; keyword arguments
+    go to the pytorch upstream's config (index_ttl=0, ...)."""
+    def make(**pytorch: Any) -> World:
+        torch, torch_files = pytorch_like
+        wheels = _publish_upstream(artifacts_dir, upstream, torch, torch_files)
+        proxy = make_proxy(registry_config(upstream, torch, torch_files, **pytorch))
+        return World(proxy, upstream, torch, torch_files, wheels, artifacts_dir)
+    return make
+
+
+@pytest.fixture
+def world(make_world: Callable[..., World]) -> World:
+    return make_world()
 
 
 def _ok(result: Result) -> None:
@@ -670,14 +679,11 @@ def test_a_routed_upstreams_403_never_clears_a_name_for_upload(
 
 
 def test_routed_upstream_error_with_a_cached_page_serves_it_stale(
-    make_proxy: MakeProxy, upstream: FakeUpstream,
-    pytorch_like: tuple[FakeUpstream, FakeUpstream], artifacts_dir: Path,
+    make_world: Callable[..., World],
 ) -> None:
     """Stale rules per upstream: the routed upstream's own cached page, never PyPI's."""
-    torch, torch_files = pytorch_like
-    wheels = _publish_upstream(artifacts_dir, upstream, torch, torch_files)
-    proxy = make_proxy(registry_config(upstream, torch, torch_files, index_ttl=0))
-    world = World(proxy, upstream, torch, torch_files, wheels, artifacts_dir)
+    world = make_world(index_ttl=0)
+    torch, upstream, wheels = world.torch, world.pypi, world.wheels
     assert world.files_on("/simple/torch/") == [wheels["torch-routed"].name]
     torch.fault("status", code=503, path_prefix="/simple/")
     asked = len(torch.page_requests("torch"))
