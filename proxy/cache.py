@@ -19,7 +19,6 @@ import asyncio
 import errno
 import logging
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from .follow import follow
 from .fsutil import commit, temp_path
 from .hashlock import HashLocks
 from .metrics import Metrics
+from .model import is_sha256
 from .sink import Sink
 
 log = logging.getLogger("indexguard.cache")
@@ -41,7 +41,6 @@ log = logging.getLogger("indexguard.cache")
 # How long a served-but-uncached temp file waits for its late readers to open it.
 OPENER_GRACE = 10.0
 PART_SUFFIX = ".part"
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ArtifactCache:
@@ -82,7 +81,7 @@ class ArtifactCache:
             if sub.is_dir():
                 for entry in os.scandir(sub.path):
                     # Only hash names: path_for refuses anything else.
-                    if entry.is_file() and _SHA256.fullmatch(entry.name):
+                    if entry.is_file() and is_sha256(entry.name):
                         st = entry.stat()
                         found.append((st.st_mtime, entry.name, st.st_size))
         for _mtime, sha, size in sorted(found):
@@ -103,7 +102,7 @@ class ArtifactCache:
             names = [entry.name for entry in entries]
         for name in names:
             sha = name.removesuffix(PART_SUFFIX)
-            if sha != name and _SHA256.fullmatch(sha) and self._locks.acquire(sha):
+            if sha != name and is_sha256(sha) and self._locks.acquire(sha):
                 try:
                     (self.tmp_dir / name).unlink()
                     removed += 1
@@ -125,7 +124,7 @@ class ArtifactCache:
         page cached by an older version may hold any string for a hash, and
         a path built from one could name any file (served, then evicted).
         """
-        if not _SHA256.fullmatch(sha256):
+        if not is_sha256(sha256):
             raise NotFound("No valid sha256 for this file; the proxy serves verified files only")
         return self.root / sha256[:2] / sha256
 

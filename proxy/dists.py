@@ -26,7 +26,6 @@ from .errors import BadRequest, quoted
 
 # Defined in model (the models check digests, and sit below this module);
 # re-exported beside the other validators of what clients and upstreams send.
-from .model import sha256_hex as sha256_hex
 
 # Artifacts the simple API serves besides wheels and sdists (legacy uploads on
 # PyPI); the proxy passes them through from upstream but never accepts them.

@@ -42,6 +42,15 @@ def sha256_hex(value: object) -> str | None:
     return hex_digest("sha256", value)
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_sha256(value: str) -> bool:
+    """Exactly 64 lowercase hex digits: what sha256_hex() gives, checked again where
+    a digest names a file (the cache) or comes from a URL (GitLab's file route)."""
+    return _SHA256.fullmatch(value) is not None
+
+
 def clean_hashes(raw: object) -> dict[str, str]:
     """PEP 691 `hashes` keeping only well-formed digests; anything else is {}."""
     # Runs once or twice per file of every upstream page (2 MB ones too): kept lean.

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from urllib.parse import quote, unquote, urldefrag, urljoin, urlsplit
 
 import orjson
-from packaging.utils import NormalizedName, canonicalize_name
+from packaging.utils import NormalizedName
 
 from .dists import guess_version, is_safe_filename
 from .errors import BadRequest, NotAcceptable, quoted
@@ -400,7 +400,3 @@ def _fragment_hashes(fragment: str) -> dict[str, str]:
         if digest is not None:
             hashes.setdefault(algo, digest)
     return hashes
-
-
-def parse_root_names(names: Iterable[str]) -> list[NormalizedName]:
-    return sorted({canonicalize_name(n) for n in names})

@@ -22,6 +22,7 @@ from .download import Download, FileSpan
 from .errors import Forbidden, NotFound, ProxyError, quoted
 from .logs import CACHE_OUTCOME
 from .metrics import Metrics
+from .model import is_sha256
 from .reader import View
 from .reader import view as view_
 from .resolve import may_read_group, may_read_index
@@ -95,7 +96,6 @@ def _page_wire(page: Rendered, use_gzip: bool, not_modified: bool = False) -> CI
     return wire
 
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def view_of(request: web.Request, config: Config) -> View:
@@ -231,7 +231,7 @@ async def gitlab_file(request: web.Request) -> web.StreamResponse:
     the name resolves to in the view has that sha256. Our own pages link
     .../files/<project>/<filename> under the same prefix: both forms land here."""
     key, filename = request.match_info["key"], request.match_info["filename"]
-    if not _SHA256.fullmatch(key):
+    if not is_sha256(key):
         return await _project_file(request, key, filename)
     project = guess_project(filename.removesuffix(METADATA_SUFFIX))
     if project is None:

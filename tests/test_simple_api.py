@@ -186,7 +186,7 @@ SHA = "0123456789abcdef" * 4
     ],
 )
 def test_sha256_hex_accepts_only_64_hex_digits(value: object, expected: str | None) -> None:
-    from proxy.dists import sha256_hex
+    from proxy.model import sha256_hex
 
     assert sha256_hex(value) == expected
 
