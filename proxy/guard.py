@@ -19,7 +19,7 @@ from packaging.utils import NormalizedName
 from .config import Config
 from .metrics import Metrics
 from .model import FileEntry
-from .upstream_names import UpstreamNames
+from .upstream_names import UpstreamNames, names_source
 
 guard_log = logging.getLogger("indexguard.guard")
 
@@ -109,8 +109,16 @@ class CollisionLedger:
             found = self.known(name, config)
         return found
 
-    def remember(self, name: str, exists: bool) -> None:
-        """What a page fetch for a forwarded name found."""
+    def remember(self, name: str, exists: bool, upstream: str, config: Config) -> None:
+        """What a page fetch of a forwarded name from this upstream found. A page
+        anywhere means the name exists upstream; "not upstream" is taken only from
+        the upstream whose project list the guard reads (names_source): a routed
+        index's 403 says nothing of PyPI, and would let an upload of a PyPI name
+        through under upload_collision: reject."""
+        if not exists:
+            source = names_source(config)
+            if source is None or source.name != upstream:
+                return
         if len(self._exists) >= self._max:
             self._exists.pop(next(iter(self._exists)))
         self._exists[name] = (exists, time.time())

@@ -35,7 +35,6 @@ from .registry import UpstreamSpec
 from .simple_api import Format, PageParseError, upstream_page_url
 from .simple_api import parse_page as parse_any_page
 from .upstream import UpstreamClient, refusal
-from .upstream_names import names_source
 
 log = logging.getLogger("indexguard.index")
 
@@ -220,19 +219,14 @@ class Mirror:
                 )
             fresh = CachedPage(page, now, resp.etag, resp.last_modified)
             self.metrics.count(self.metrics.index_cache, "miss", self.name)
-            self.ledger.remember(name, True)
+            self.ledger.remember(name, True, self.name, config)
         elif resp.outcome == "not_modified" and entry is not None and entry.page is not None:
             fresh = dataclasses.replace(entry, fetched_at=now)
             self.metrics.count(self.metrics.index_cache, "revalidated", self.name)
         elif resp.outcome == "not_found":
             fresh = CachedPage(None, now)
             self.metrics.count(self.metrics.index_cache, "miss", self.name)
-            # "Not upstream" only from the upstream whose project list the guard
-            # reads: a routed upstream's 403 says nothing of PyPI, and would let
-            # an upload of a PyPI name through under upload_collision: reject.
-            source = names_source(config)
-            if source is not None and source.name == self.name:
-                self.ledger.remember(name, False)
+            self.ledger.remember(name, False, self.name, config)
         else:
             reason = resp.reason or "upstream unavailable"
             if resp.down:
