@@ -111,3 +111,21 @@ def test_legacy_without_a_slash_takes_uploads(make_proxy: MakeProxy, tmp_path: P
                   headers={"Content-Type": ctype, "Authorization": basic("ci", SECRET)})
     assert answer.status == 200, answer.body
     assert wheel.name.encode() in call(proxy.url + "/simple/legacy-pkg/").body
+
+
+def test_a_reload_that_changes_the_indexes_is_refused_other_changes_apply(
+    make_proxy: MakeProxy,
+) -> None:
+    proxy = make_proxy({"indexes": [{"name": "platform"}, {"name": "ml"}]})
+    assert call(proxy.url + "/i/ml/simple/").status == 200
+    proxy.update_config({"indexes": [{"name": "platform"}, {"name": "ml"}, {"name": "new"}]})
+    proxy.sighup()
+    assert eventually(lambda: "restart to apply" in proxy.log_text())
+    assert call(proxy.url + "/i/new/simple/").status == 404  # not served before a restart
+    assert call(proxy.url + "/i/ml/simple/").status == 200
+    # The same indexes with another change: applied at once.
+    proxy.update_config({"indexes": [{"name": "platform"}, {"name": "ml"}],
+                         "upstream": {"forward": False}})
+    proxy.sighup()
+    assert eventually(lambda: "config reloaded" in proxy.log_text())
+    assert b"forwarding upstream is off" in call(proxy.url + "/simple/anything/").body
