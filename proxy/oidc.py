@@ -180,17 +180,20 @@ def match(
     Raises Refusal naming a claim that differs (never the value wanted).
     """
     candidates = [p for p in publishers
-                  if p.issuer == claims.get("iss") and p.audience == claims.get("aud")
-                  and (p.read or not read)]
+                  if p.issuer == claims.get("iss") and p.audience == claims.get("aud")]
     differing: list[str] = []
+    no_reads: TrustedPublisher | None = None
     for publisher in candidates:
         wrong = [k for k, v in publisher.claims.items() if _text(claims.get(k)) != v]
-        if not wrong:
+        if not wrong and (publisher.read or not read):
             return publisher
+        if not wrong:
+            no_reads = no_reads or publisher
         differing.extend(k for k in wrong if k not in differing)
-    if read and not candidates:
+    if no_reads is not None:
         raise Refusal("invalid-publisher", "oidc_claims",
-                      "No trusted publisher of this issuer allows reads (read: true)")
+                      f"Trusted publisher {no_reads.name} does not allow reads with its ID "
+                      "token (read: true)")
     shown = ", ".join(differing[:5]) or "none configured"
     raise Refusal("invalid-publisher", "oidc_claims",
                   f"Valid ID token, but no trusted publisher matches its claims "
