@@ -291,6 +291,7 @@ def _reload(app: web.Application) -> None:
         "cache.max_bytes": (old.cache.max_bytes, new.cache.max_bytes),
         "cache.memory_pages": (old.cache.memory_pages, new.cache.memory_pages),
         "log.access_log": (old.log.access_log, new.log.access_log),
+        "auth.signing_key_file": (old.auth.signing_key_file, new.auth.signing_key_file),
     }
     for key, (was, now) in at_start.items():
         if was != now:
