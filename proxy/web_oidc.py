@@ -7,13 +7,14 @@ uv, twine's users and pypa/gh-action-pypi-publish read these bodies: success is
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
 from aiohttp import web
 
 from .auth import client_address
-from .errors import ServiceUnavailable
+from .errors import RequestTimeout, ServiceUnavailable
 from .jwks import IssuerUnavailable
 from .oidc import Refusal, error_body
 from .state import CONFIG, METRICS, TRUST
@@ -37,13 +38,19 @@ async def audience(request: web.Request) -> web.Response:
     return _json(200, json.dumps({"audience": auth.oidc_audience}).encode())
 
 
-async def _token_of(request: web.Request) -> str:
-    """The "token" of the JSON body. Raises Refusal (invalid-payload)."""
+async def _token_of(request: web.Request, idle: float) -> str:
+    """The "token" of the JSON body. Raises Refusal (invalid-payload), RequestTimeout."""
+    too_big = Refusal("invalid-payload", "oidc_malformed", f"Body larger than {MAX_BODY} bytes")
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise Refusal("invalid-payload", "oidc_malformed", f"Body larger than {MAX_BODY} bytes")
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        raise Refusal("invalid-payload", "oidc_malformed", f"Body larger than {MAX_BODY} bytes")
+        raise too_big
+    body = bytearray()
+    try:
+        while chunk := await asyncio.wait_for(request.content.read(MAX_BODY), idle):
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise too_big
+    except TimeoutError:
+        raise RequestTimeout(f"Request body stalled for {idle:g}s") from None
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
@@ -62,7 +69,7 @@ async def mint_token(request: web.Request) -> web.Response:
     client = client_address(request.remote, request.headers.get("X-Forwarded-For"),
                             config.listen.trusted_proxies)
     try:
-        token = await _token_of(request)
+        token = await _token_of(request, config.limits.idle_timeout)
         upload_token, grant = await request.app[TRUST].mint(token, config.auth)
     except Refusal as exc:
         metrics.count(metrics.auth_failures, exc.label)

@@ -403,3 +403,23 @@ def test_bad_trusted_publishing_config_exits_2_naming_the_key(
     result = _serve(tmp_path, unpinned)
     assert result.returncode == 2
     assert "auth.trusted_publishers[0].claims: must pin a project or repository" in result.stderr
+
+
+def test_a_mint_body_arriving_in_pieces_is_read_whole(
+    make_proxy: MakeProxy, issuer: OIDCIssuer, upstream: FakeUpstream,
+) -> None:
+    import socket
+
+    proxy = make_proxy(tp_config(issuer, upstream))
+    body = json.dumps({"token": issuer.mint(gitlab_claims())}).encode()
+    head = (f"POST /_/oidc/mint-token HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(head + body[:100])
+        time.sleep(0.3)  # the rest comes later, as over a slow link
+        sock.sendall(body[100:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b'"success": true' in answer
