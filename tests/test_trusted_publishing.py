@@ -220,6 +220,11 @@ def test_an_id_token_reads_through_the_proxy_when_read_is_true(
     # Nor does a minted upload token read.
     answer = call(proxy.url + "/simple/", headers={"Authorization": basic("__token__", token)})
     assert answer.status == 403
+    # Garbage in either shape is a 401 with a reason, never a 500.
+    for user, secret in (("__oidc__", "garbage"), ("__oidc__", "a.b.c"), ("__oidc__", ""),
+                         ("__token__", "igm_garbage"), ("__token__", "igm_" + "x" * 5_000)):
+        answer = call(proxy.url + "/simple/", headers={"Authorization": basic(user, secret)})
+        assert answer.status == 401, (user, secret[:20], answer.body)
 
 
 # ------------------------------------------------------------------ refusals
