@@ -126,7 +126,8 @@ def test_gitlab_token_mints_and_twine_uploads_with_provenance(
 ) -> None:
     proxy = make_proxy(tp_config(issuer, upstream))
     before = time.time()
-    status, body = mint(proxy, issuer.mint(gitlab_claims()))
+    id_token = issuer.mint(gitlab_claims())
+    status, body = mint(proxy, id_token)
     assert status == 200 and body["success"] is True
     assert before + 899 <= body["expires"] <= time.time() + 901
     wheel = _wheel(tmp_path, "acme-widget")
@@ -149,7 +150,9 @@ def test_gitlab_token_mints_and_twine_uploads_with_provenance(
     lines = [json.loads(line) for line in proxy.log_text().splitlines() if line.startswith("{")]
     uploads = [ln for ln in lines if ln.get("msg") == "upload"]
     assert uploads and uploads[0]["published_by"]["publisher"] == "platform-release"
-    assert body["token"] not in proxy.log_text()
+    assert body["token"] not in proxy.log_text() and id_token not in proxy.log_text()
+    minted_lines = [ln for ln in lines if ln.get("msg") == "upload token minted"]
+    assert minted_lines[0]["claims"]["project_path"] == "acme/platform"
 
 
 def test_github_token_mints_and_twine_uploads(
