@@ -18,12 +18,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__, web_admin, web_ops, web_simple, web_upload
+from . import __version__, web_admin, web_oidc, web_ops, web_simple, web_upload
 from .auth import ANONYMOUS, OPEN_SCOPES, Authenticator, client_address
 from .cache import ArtifactCache
 from .config import Config, ConfigError, load_config
 from .errors import NotFound, ProxyError, Unauthorized, UpstreamUnavailable
 from .guard import CollisionLedger
+from .jwks import KeySets
 from .login_limit import FailureLimit
 from .logs import TOKEN_NAME
 from .metrics import FLUSH_INTERVAL, Metrics
@@ -33,8 +34,20 @@ from .pagecache import PageCache
 from .publish import Publisher
 from .reader import Reader
 from .registry import LEGACY_INDEX, UpstreamSpec
-from .state import AUTH, CONFIG, IDENTITY, METRICS, PUBLISHERS, READER, STORES, LiveConfig
+from .replay import ReplayGuard
+from .state import (
+    AUTH,
+    CONFIG,
+    IDENTITY,
+    METRICS,
+    PUBLISHERS,
+    READER,
+    STORES,
+    TRUST,
+    LiveConfig,
+)
 from .store import PrivateStore
+from .trust import TrustedPublishing
 from .upstream import UpstreamClient
 from .upstream_names import UpstreamNames
 
@@ -104,6 +117,10 @@ def _routes(app: web.Application) -> None:
     # It names private and reserved projects: as open as reading, or a metrics token.
     add("GET", "/metrics", web_ops.metrics, "metrics")
     add("GET", "/-/guard", web_admin.guard_report, "admin")
+    # Trusted publishing, where PyPI has it (uv and gh-action-pypi-publish ask the host root).
+    add("GET", "/_/oidc/audience", web_oidc.audience, None)
+    add("POST", "/_/oidc/mint-token", web_oidc.mint_token, None)
+    add("POST", "/_/oidc/github/mint-token", web_oidc.mint_token, None)
     for prefix in ("", "/i/{index}"):
         add("POST", f"{prefix}/-/yank/{{project}}/{{version}}", web_admin.yank, "admin")
         add("POST", f"{prefix}/-/unyank/{{project}}/{{version}}", web_admin.unyank, "admin")
@@ -232,6 +249,11 @@ def _error_response(request: web.Request, exc: ProxyError) -> web.Response:
 
 
 def _auth_reason(exc: ProxyError) -> str:
+    label = getattr(exc, "label", None)
+    if isinstance(label, str):
+        return label
+    if exc.status == 503:
+        return "unavailable"
     if exc.status == 429:
         return "rate_limited"
     if exc.status == 403:
@@ -269,6 +291,7 @@ def _reload(app: web.Application) -> None:
         "cache.max_bytes": (old.cache.max_bytes, new.cache.max_bytes),
         "cache.memory_pages": (old.cache.memory_pages, new.cache.memory_pages),
         "log.access_log": (old.log.access_log, new.log.access_log),
+        "auth.signing_key_file": (old.auth.signing_key_file, new.auth.signing_key_file),
     }
     for key, (was, now) in at_start.items():
         if was != now:
@@ -356,7 +379,13 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     app[PUBLISHERS] = publishers
     failures = FailureLimit(data / "auth-failures.sqlite3")
     await asyncio.to_thread(failures.open)
-    app[AUTH] = Authenticator(failures)
+    keysets = KeySets(f"indexguard/{__version__}")
+    replay = ReplayGuard(data / "oidc-jti.sqlite3")
+    await asyncio.to_thread(replay.open)
+    trust = app[TRUST] = TrustedPublishing(keysets, replay, config)
+    if config.auth.trusted_publishers or config.auth.signing_key_file:
+        await trust.signing_key()  # cli checked it; a worker reads the same file
+    app[AUTH] = Authenticator(failures, trust)
     life = app[LIFECYCLE] = Lifecycle()
 
     async def flush_metrics() -> None:
@@ -368,6 +397,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         for mirror in mirrors.values():
             await mirror.client.start()
         await names.start()
+        await keysets.start()
         flusher = asyncio.create_task(flush_metrics())
         yield
         flusher.cancel()
@@ -380,6 +410,8 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
             log.warning("cache downloads cut off at shutdown")
         artifacts.close()
         await names.close()
+        await keysets.close()
+        await asyncio.to_thread(replay.close)
         for mirror in mirrors.values():
             await mirror.client.close()
         await reader.flush()

@@ -24,6 +24,10 @@ from typing import NoReturn
 from .config import Auth, IPNetwork, Token
 from .errors import Forbidden, TooManyRequests, Unauthorized
 from .login_limit import FailureLimit
+from .minted import PREFIX as MINTED_PREFIX
+from .minted import MintedRefused
+from .oidc import Refusal
+from .trust import TrustedPublishing
 
 log = logging.getLogger("indexguard.auth")
 
@@ -31,6 +35,16 @@ log = logging.getLogger("indexguard.auth")
 OPEN_SCOPES = frozenset({"read", "metrics"})
 # X-Forwarded-For hops looked at, from the right.
 _MAX_HOPS = 32
+# The username that sends a CI's OIDC ID token as the password (reads).
+OIDC_USER = "__oidc__"
+
+
+class CredentialsRefused(Unauthorized):
+    """An Unauthorized with the bounded reason it is counted under."""
+
+    def __init__(self, reason: str, label: str) -> None:
+        super().__init__(reason)
+        self.label = label
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +55,10 @@ class Identity:
     # the groups it reads. Default: all.
     indexes: tuple[str, ...] = ("*",)
     groups: tuple[str, ...] = ("*",)
+    # The names it may publish (a trusted publisher's projects). Default: all.
+    projects: tuple[str, ...] = ("*",)
+    # Who published, for the file record: a minted token's publisher and CI claims.
+    provenance: tuple[tuple[str, str], ...] = ()
 
 
 ANONYMOUS = Identity("anonymous", frozenset())
@@ -117,8 +135,9 @@ def _is_trusted(peer: str, trusted: tuple[IPNetwork, ...]) -> bool:
 class Authenticator:
     """Checks credentials against the live auth config; counts failures in a FailureLimit."""
 
-    def __init__(self, failures: FailureLimit) -> None:
+    def __init__(self, failures: FailureLimit, trust: TrustedPublishing | None = None) -> None:
         self._failures = failures
+        self._trust = trust
         self._store_warned = 0.0
 
     async def identify(
@@ -138,6 +157,11 @@ class Authenticator:
         if creds is None:
             return ANONYMOUS
         user, password = creds
+        if self._trust is not None and auth.trusted_publishers:
+            if password.startswith(MINTED_PREFIX) and (any_user or user == "__token__"):
+                return await self._minted(password, auth, client, user)
+            if user == OIDC_USER:
+                return await self._id_token(password, auth, client)
         token = self._match(user, password, auth.tokens, any_user)
         if any_user:
             user = "*"
@@ -147,6 +171,27 @@ class Authenticator:
             await self._failed(client, user, Unauthorized(
                 f"Token {token.name} expired on {token.expires.isoformat()}"))
         return Identity(token.name, token.scopes, token.indexes, token.groups)
+
+    async def _minted(self, password: str, auth: Auth, client: str, user: str) -> Identity:
+        """A trusted publisher's minted upload token: write to its index, its names."""
+        assert self._trust is not None
+        try:
+            publisher, provenance = await self._trust.uploader(password, auth)
+        except MintedRefused as exc:
+            await self._failed(client, user, CredentialsRefused(exc.reason, exc.label))
+        return Identity(f"oidc:{publisher.name}", frozenset({"write"}), (publisher.index,), (),
+                        projects=publisher.projects, provenance=tuple(provenance.items()))
+
+    async def _id_token(self, password: str, auth: Auth, client: str) -> Identity:
+        """A CI's ID token (username __oidc__) of a publisher with read: true."""
+        assert self._trust is not None
+        try:
+            publisher = await self._trust.reader(password, auth)
+        except Refusal as exc:
+            await self._failed(client, OIDC_USER, CredentialsRefused(
+                f"ID token refused: {exc.description}", exc.label))
+        return Identity(f"oidc:{publisher.name}", frozenset({"read"}), (publisher.index,),
+                        publisher.groups, projects=())
 
     async def _failed(self, client: str, user: str, exc: Unauthorized) -> NoReturn:
         try:

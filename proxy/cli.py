@@ -34,6 +34,7 @@ from .auth import hash_secret, new_secret
 from .config import SCOPES, Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
 from .metrics import MULTIPROC_ENV
+from .minted import KeyFileError, load_key
 
 log = logging.getLogger("indexguard")
 EXIT_CONFIG = 2
@@ -406,6 +407,12 @@ def serve(path: str | None, host: str | None, port: int | None, argv: Sequence[s
     except OSError as exc:
         print(f"data_dir: cannot create {config.data_dir}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
+    if config.auth.trusted_publishers or config.auth.signing_key_file:
+        try:
+            load_key(config)  # created here, once, before any worker starts
+        except KeyFileError as exc:
+            print(f"auth.signing_key_file: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     log.info("starting", extra={
         "version": __version__, "config": config.source,
         "listen": f"{config.listen.host}:{config.listen.port}",

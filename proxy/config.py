@@ -126,10 +126,37 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True)
+class TrustedPublisher:
+    """A CI identity allowed to trade its OIDC ID token for a short upload token."""
+
+    name: str
+    # The exact `iss` of its ID tokens; https (http only for a loopback host).
+    issuer: str
+    # The one `aud` its ID tokens must carry.
+    audience: str
+    # Claim -> value; every one must equal the token's (as text).
+    claims: Mapping[str, str]
+    # Where it may publish, and which normalized names (fnmatch patterns).
+    index: str
+    projects: tuple[str, ...]
+    # The ID token itself is also accepted for reads (username __oidc__).
+    read: bool = False
+    # Groups those reads cover (fnmatch patterns on group names).
+    groups: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
 class Auth:
     anonymous_read: bool = True
     realm: str = "indexguard"
     tokens: tuple[Token, ...] = ()
+    trusted_publishers: tuple[TrustedPublisher, ...] = ()
+    # What GET /_/oidc/audience answers, and every publisher's default audience.
+    oidc_audience: str = "indexguard"
+    # HMAC key of minted upload tokens, shared by replicas; None: data_dir/oidc-mint.key.
+    signing_key_file: Path | None = None
+    # Seconds a minted upload token lives (PyPI: 900, the most allowed).
+    mint_lifetime: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +501,119 @@ def _tokens(r: _Reader, raw: Any, registry: Registry) -> tuple[Token, ...]:
     return tuple(tokens)
 
 
+# Claims that pin a publisher to one CI project or repository. A publisher
+# must name one: without, any project on a shared issuer (github.com's is
+# everyone's) could publish.
+IDENTITY_CLAIMS = frozenset({
+    "sub", "project_path", "project_id", "namespace_path", "namespace_id", "repository",
+    "repository_id", "repository_owner", "repository_owner_id", "job_workflow_ref",
+})
+_LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in _LOOPBACK_HOSTS
+
+
+def _issuer(value: Any) -> str:
+    """An OIDC issuer: https, or http on a loopback host (tests, a local issuer)."""
+    text = _str(value)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or not parts.hostname or parts.query or parts.fragment or "@" in text:
+        raise ValueError(f"expected an issuer URL such as https://gitlab.example.com, "
+                         f"got {redact_url(text)!r}")
+    if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback(parts.hostname)):
+        raise ValueError(f"{text!r}: an issuer must be https (http only on a loopback host)")
+    return text
+
+
+def _audience(value: Any) -> str:
+    text = _str(value)
+    if len(text) > 200 or not text.isprintable():
+        raise ValueError("expected printable text of at most 200 characters")
+    return text
+
+
+def _claims(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError("expected a mapping of claim names to values, such as "
+                         "{project_path: acme/platform}")
+    claims: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"claim name {key!r} is not a string")
+        if isinstance(item, bool):  # GitLab sends ref_protected as the text "true"
+            item = "true" if item else "false"
+        if isinstance(item, int) and not isinstance(item, bool):
+            item = str(item)
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"claim {key}: expected a string, got {item!r}")
+        claims[key] = item
+    if not IDENTITY_CLAIMS & set(claims):
+        raise ValueError("must pin a project or repository: give one of "
+                         + ", ".join(sorted(IDENTITY_CLAIMS)))
+    return claims
+
+
+def _mint_lifetime(value: Any) -> float:
+    seconds = _positive_duration(value)
+    if seconds > 900:
+        raise ValueError("at most 15m (PyPI's lifetime): a stolen upload token must die soon")
+    return seconds
+
+
+def _publishers(
+    r: _Reader, raw: Any, registry: Registry, audience: str,
+) -> tuple[TrustedPublisher, ...]:
+    if not isinstance(raw, list):
+        r.problems.append("auth.trusted_publishers: expected a list")
+        return ()
+    found: list[TrustedPublisher] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        where = f"auth.trusted_publishers[{i}]"
+        path = where + "."
+        entry = r.section(item, where, {"name", "issuer", "audience", "claims", "index",
+                                        "projects", "read", "groups"})
+        if not entry:
+            continue
+        before = len(r.problems)
+        for key in ("name", "issuer", "claims", "projects"):
+            if key not in entry:
+                r.problems.append(f"{path}{key}: required")
+        name = r.get(entry, path, "name", "", _registry_name)
+        if name and name in seen:
+            r.problems.append(f"{path}name: {name!r} is used twice")
+        seen.add(name)
+        index = r.get(entry, path, "index", registry.first_index.name, _str)
+        if registry.index(index) is None:
+            r.problems.append(f"{path}index: no index named {index!r} (there are: "
+                              f"{', '.join(i.name for i in registry.indexes)})")
+        publisher = TrustedPublisher(
+            name=name,
+            issuer=r.get(entry, path, "issuer", "", _issuer),
+            audience=r.get(entry, path, "audience", audience, _audience),
+            claims=MappingProxyType(r.get(entry, path, "claims", {}, _claims)),
+            index=index,
+            projects=_patterns(r, entry, path, "projects"),
+            read=r.get(entry, path, "read", False, _bool),
+            groups=_name_patterns(r, entry, path, "groups",
+                                  [g.name for g in registry.groups], "group"),
+        )
+        if "projects" in entry and not publisher.projects and len(r.problems) == before:
+            r.problems.append(f"{path}projects: list at least one name pattern (acme-*)")
+        if len(r.problems) == before:
+            found.append(publisher)
+    return tuple(found)
+
+
 def _name_patterns(
     r: _Reader, entry: Mapping[str, Any], path: str, key: str, names: list[str], kind: str,
 ) -> tuple[str, ...]:
@@ -779,12 +919,22 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
     base = legacy(upstream, guard)
     layout = _layout(r, top, base.upstream)
     registry = assemble(base, layout, problems)
-    s = r.section(top.get("auth", {}), "auth", {"anonymous_read", "realm", "tokens"})
+    s = r.section(top.get("auth", {}), "auth", {
+        "anonymous_read", "realm", "tokens", "trusted_publishers", "oidc_audience",
+        "signing_key_file", "mint_lifetime",
+    })
+    audience = r.get(s, "auth.", "oidc_audience", d.auth.oidc_audience, _audience)
+    key_file = r.get(s, "auth.", "signing_key_file", None, _optional(_str))
     auth = Auth(
         anonymous_read=r.get(s, "auth.", "anonymous_read", d.auth.anonymous_read, _bool),
         realm=r.get(s, "auth.", "realm", d.auth.realm, _realm),
         tokens=(_tokens(r, s["tokens"], registry)
                 if "tokens" in s and s["tokens"] is not None else ()),
+        trusted_publishers=(_publishers(r, s["trusted_publishers"], registry, audience)
+                            if s.get("trusted_publishers") is not None else ()),
+        oidc_audience=audience,
+        signing_key_file=Path(key_file) if key_file else None,
+        mint_lifetime=r.get(s, "auth.", "mint_lifetime", d.auth.mint_lifetime, _mint_lifetime),
     )
     s = r.section(top.get("log", {}), "log", {"level", "access_log"})
     log = Log(

@@ -25,6 +25,18 @@ FLUSH_INTERVAL = 1.0
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+# indexguard_auth_failures_total's reasons: a fixed set, whatever a client sends.
+AUTH_FAILURE_REASONS = (
+    "missing", "invalid", "expired", "scope", "rate_limited", "unavailable",
+    # trusted publishing: an ID token refused (at /_/oidc/mint-token or as __oidc__)
+    "oidc_disabled", "oidc_malformed", "oidc_algorithm", "oidc_issuer", "oidc_audience",
+    "oidc_expired", "oidc_not_yet_valid", "oidc_signature", "oidc_unknown_key", "oidc_replay",
+    "oidc_claims", "oidc_unavailable",
+    # a minted upload token refused, or used beyond its publisher's index and projects
+    "minted_expired", "minted_invalid", "oidc_scope",
+)
+
+
 class _RequestTally:
     __slots__ = ("buckets", "count", "seconds")
 
@@ -124,7 +136,7 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "indexguard_auth_failures", "Requests refused for credentials",
-            ["reason"], registry=r,  # missing | invalid | expired | scope | rate_limited
+            ["reason"], registry=r,  # one of AUTH_FAILURE_REASONS
         )
         self._upstreams = tuple(upstreams)
         self._groups = tuple(groups)
@@ -207,5 +219,5 @@ class Metrics:
             self.upload_collisions.labels(action)
         for source in ("private", "cache", "upstream"):
             self.bytes_served.labels(source)
-        for reason in ("missing", "invalid", "expired", "scope", "rate_limited"):
+        for reason in AUTH_FAILURE_REASONS:
             self.auth_failures.labels(reason)

@@ -24,6 +24,8 @@ DIGEST_HEX_LENGTHS = {
 _HEX = re.compile(r"[0-9a-fA-F]+")
 # PEP 700 stamps are 27 characters; anything much longer is not one.
 _MAX_UPLOAD_TIME = 64
+# A claim kept as provenance (oidc.py bounds them at 200 when minting).
+_MAX_PUBLISHED_BY = 300
 
 
 def hex_digest(algo: str, value: object) -> str | None:
@@ -109,6 +111,14 @@ def clean_upload_time(raw: object) -> str | None:
     return raw
 
 
+def clean_published_by(raw: object) -> dict[str, str] | None:
+    """Who published a private file; absent in records older than trusted publishing."""
+    if not isinstance(raw, Mapping) or not raw:
+        return None
+    return {k: v[:_MAX_PUBLISHED_BY] for k, v in list(raw.items())[:32]
+            if isinstance(k, str) and isinstance(v, str)} or None
+
+
 @dataclass(frozen=True, slots=True)
 class FileEntry:
     # PEP 503/691: the distribution's file name; also the last path segment.
@@ -127,6 +137,9 @@ class FileEntry:
     upload_time: str | None = None
     # Where the bytes come from: the absolute upstream URL; "" for private files.
     origin: str = ""
+    # Private files sent with a minted token: the trusted publisher and its CI
+    # claims (repository or project_path, ref, workflow...); None otherwise.
+    published_by: Mapping[str, str] | None = None
 
     @property
     def sha256(self) -> str | None:
@@ -149,6 +162,8 @@ class FileEntry:
             "size": self.size,
             "upload_time": self.upload_time,
             "origin": self.origin,
+            # Only when there is one: records of other files stay as they were.
+            **({"published_by": dict(self.published_by)} if self.published_by else {}),
         }
 
     @classmethod
@@ -170,6 +185,7 @@ class FileEntry:
             size=clean_size(data.get("size")),
             upload_time=clean_upload_time(data.get("upload_time")),
             origin=origin if isinstance(origin, str) else "",
+            published_by=clean_published_by(data.get("published_by")),
         )
 
     def with_yank(self, yanked: bool | str) -> FileEntry:

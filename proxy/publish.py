@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,10 +215,11 @@ class Publisher:
 
     async def publish(
         self, form: UploadForm, spooled: Spooled, config: Config,
-        refusal: Refusal = lambda _name: None,
+        refusal: Refusal = lambda _name: None, published_by: Mapping[str, str] | None = None,
     ) -> AddOutcome:
         """Validate and store. The spooled file is consumed either way. refusal(name)
-        says why the caller may not publish the name here (token patterns, owns).
+        says why the caller may not publish the name here (token patterns, owns);
+        published_by (a trusted publisher and its CI claims) is kept with the file.
 
         Raises BadRequest, FileExists, Forbidden (refusal, collision policy),
         ServiceUnavailable (policy reject and upstream cannot say), InsufficientStorage.
@@ -240,13 +241,15 @@ class Publisher:
                 ),
                 size=spooled.size,
                 upload_time=upload_time_now(),
+                published_by=published_by,
             )
             outcome = await self.store.add(name, entry, spooled.path, served)
         except BaseException:
             await asyncio.to_thread(spooled.path.unlink, True)
             raise
         log.info("upload", extra={"project": name, "file": dist.filename,
-                                  "outcome": outcome, "size": spooled.size})
+                                  "outcome": outcome, "size": spooled.size,
+                                  **({"published_by": published_by} if published_by else {})})
         return outcome
 
     async def _check_collision(self, name: NormalizedName, config: Config) -> None:

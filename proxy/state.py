@@ -13,6 +13,7 @@ from .metrics import Metrics
 from .publish import Publisher
 from .reader import Reader
 from .store import PrivateStore
+from .trust import TrustedPublishing
 
 
 class LiveConfig:
@@ -31,3 +32,4 @@ STORES = web.AppKey("stores", dict[str, PrivateStore])
 READER = web.AppKey("reader", Reader)
 PUBLISHERS = web.AppKey("publishers", dict[str, Publisher])
 AUTH = web.AppKey("auth", Authenticator)
+TRUST = web.AppKey("trust", TrustedPublishing)

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 
 import orjson
 from aiohttp import web
+from packaging.utils import NormalizedName
 
 from .auth import ANONYMOUS
 from .dists import normalize_name, parse_version
@@ -18,6 +19,9 @@ from .errors import BadRequest, Forbidden, NotFound
 from .resolve import may_admin, names_held_twice
 from .state import CONFIG, IDENTITY, READER, STORES
 from .store import PrivateStore
+
+# Files listed under trusted_publishing.published in the guard report.
+PUBLISHED_SHOWN = 1000
 
 
 def _store(request: web.Request) -> PrivateStore:
@@ -123,4 +127,31 @@ async def guard_report(request: web.Request) -> web.Response:
              "first_seen": c.first_seen, "last_seen": c.last_seen}
             for c in reader.ledger.collisions()
         ],
+        "trusted_publishing": {
+            "publishers": [
+                {"name": p.name, "issuer": p.issuer, "audience": p.audience,
+                 "claims": dict(p.claims), "index": p.index, "projects": list(p.projects),
+                 "read": p.read}
+                for p in config.auth.trusted_publishers
+            ],
+            "published": await _published(stores, held_by),
+        },
     }, dumps=lambda obj: orjson.dumps(obj).decode())
+
+
+async def _published(
+    stores: dict[str, PrivateStore], held_by: dict[str, list[NormalizedName]],
+) -> list[dict[str, Any]]:
+    """The files a trusted publisher sent, newest first (at most PUBLISHED_SHOWN),
+    each with the publisher and the CI claims recorded with it."""
+    found: list[dict[str, Any]] = []
+    for index, names in held_by.items():
+        for name in names:
+            page = await stores[index].page(name)
+            for entry in page.files if page is not None else ():
+                if entry.published_by:
+                    found.append({"index": index, "project": name, "filename": entry.filename,
+                                  "upload_time": entry.upload_time,
+                                  "published_by": dict(entry.published_by)})
+    found.sort(key=lambda f: f["upload_time"] or "", reverse=True)
+    return found[:PUBLISHED_SHOWN]

@@ -17,6 +17,7 @@ from packaging.utils import NormalizedName
 from .auth import ANONYMOUS
 from .config import Config
 from .errors import BadRequest, NotFound, ProxyError, RequestTimeout, TooLarge, quoted
+from .guard import matches_any
 from .publish import (
     CHUNK,
     MAX_FIELD_BYTES,
@@ -142,7 +143,13 @@ async def upload(request: web.Request) -> web.Response:
         identity = request.get(IDENTITY, ANONYMOUS)
 
         def refusal(name: NormalizedName) -> str | None:
-            return upload_refusal(identity, index, name, config.registry)
+            if not matches_any(name, identity.projects):
+                metrics.count(metrics.auth_failures, "oidc_scope")
+                return f"Token {identity.name} may not publish {name} (its projects)"
+            why = upload_refusal(identity, index, name, config.registry)
+            if why is not None and identity.provenance:
+                metrics.count(metrics.auth_failures, "oidc_scope")
+            return why
 
         if request.content_length is not None and request.content_length > limit + _ENVELOPE:
             raise TooLarge(f"File too large: the limit is {limit} bytes (limits.max_upload)")
@@ -152,7 +159,8 @@ async def upload(request: web.Request) -> web.Response:
         if spooled is None:
             check_form_header(form, refusal)
             raise BadRequest("Missing the 'content' file part")
-        outcome = await publisher.publish(form, spooled, config, refusal)
+        outcome = await publisher.publish(form, spooled, config, refusal,
+                                          published_by=dict(identity.provenance) or None)
     except ProxyError as exc:
         # After a 413 aiohttp lingers, discarding what the client still sends,
         # so that twine gets to read the reason instead of a broken pipe.
