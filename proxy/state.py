@@ -5,10 +5,13 @@ State lives on the aiohttp Application under these keys; nothing module-level.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from .auth import Authenticator, Identity
 from .config import Config
+from .description import Renderings
 from .metrics import Metrics
 from .publish import Publisher
 from .reader import Reader
@@ -31,3 +34,6 @@ STORES = web.AppKey("stores", dict[str, PrivateStore])
 READER = web.AppKey("reader", Reader)
 PUBLISHERS = web.AppKey("publishers", dict[str, Publisher])
 AUTH = web.AppKey("auth", Authenticator)
+# The web UI (web_ui.py): rendered descriptions, and its CSS and JS read at start.
+RENDERINGS = web.AppKey("renderings", Renderings)
+UI_ASSETS = web.AppKey("ui_assets", dict[str, Any])

@@ -1,0 +1,448 @@
+"""The web UI: landing, project pages, search, the guard page, and their static files.
+
+Server-rendered with Jinja2 (autoescape on) under a strict Content-Security-Policy:
+no inline script or style, scripts and styles from this server only. It shows
+only what the stores and mirrors already know: an upstream is never asked for a
+page or a file on the UI's account. Reads are authorized as the simple API's
+(app.edge, web_simple.view_of); the guard page needs the admin scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+from packaging.utils import NormalizedName
+
+from .answers import LocalFile, visible
+from .auth import ANONYMOUS, Identity
+from .config import Config
+from .description import Description, Renderings, render_metadata
+from .dists import METADATA_SUFFIX, name_from_url
+from .errors import NotFound
+from .guard import matures_at
+from .mirror import Mirror
+from .model import ProjectPage
+from .reader import View
+from .registry import GroupSpec
+from .resolve import Private, Upstreams, may_read_group, names_held_twice, resolve
+from .state import CONFIG, IDENTITY, READER, RENDERINGS, STORES, UI_ASSETS
+from .ui_model import (
+    Known,
+    Snippet,
+    explain,
+    install_snippets,
+    newest_upload,
+    setup_snippets,
+    size_text,
+    upload_time_text,
+    versions_of,
+)
+from .ui_model import (
+    search as search_names,
+)
+from .web_simple import view_of
+
+_HERE = Path(__file__).resolve().parent
+# The UI's pages: nothing inline may run or apply, scripts and styles come from
+# this server, forms post back here only, no frame may hold the page.
+_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+_HTML_HEADERS = {
+    "Content-Type": "text/html; charset=utf-8",
+    "Content-Security-Policy": _CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-cache",
+}
+_ASSET_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+# A page lists at most this many releases (an upstream page may list thousands).
+MAX_VERSIONS = 50
+# Landing: the newest private projects shown; the guard page: the upstream names
+# (most recently served first) looked at for files hidden by min_age.
+MAX_LANDING_PROJECTS = 50
+MAX_GUARD_NAMES = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    body: bytes
+    content_type: str
+    etag: str
+
+
+async def setup(app: web.Application) -> None:
+    """Templates (autoescape on, undefined names an error) and the static files,
+    read once, off the loop."""
+    aiohttp_jinja2.setup(
+        app, loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    app[UI_ASSETS] = await asyncio.to_thread(_read_assets, _HERE / "static")
+    app[RENDERINGS] = Renderings()
+
+
+def _read_assets(folder: Path) -> dict[str, Asset]:
+    assets = {}
+    for path in sorted(folder.iterdir()):
+        ctype = _ASSET_TYPES.get(path.suffix)
+        if ctype is not None:
+            body = path.read_bytes()
+            digest = hashlib.sha256(body).hexdigest()[:16]
+            assets[path.name] = Asset(body, ctype, f'"{digest}"')
+    return assets
+
+
+async def asset(request: web.Request) -> web.StreamResponse:
+    """/-/static/<name>: links carry ?v=<its hash>, so it may be kept for a year."""
+    found = request.app[UI_ASSETS].get(request.match_info["asset"])
+    if found is None:
+        raise NotFound("No such static file")
+    headers = {"Content-Type": found.content_type, "ETag": found.etag,
+               "Cache-Control": "public, max-age=31536000, immutable",
+               "X-Content-Type-Options": "nosniff"}
+    if request.headers.get("If-None-Match", "").strip() == found.etag:
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=found.body, headers=headers)
+
+
+# --- rendering -------------------------------------------------------------------
+
+def _root(request: web.Request) -> str:
+    """The relative way from this page back to the server's root ("" at /), so that
+    every link works behind a reverse proxy's path prefix too."""
+    depth = request.rel_url.raw_path.count("/") - 1
+    return "../" * depth
+
+
+async def _page(
+    request: web.Request, template: str, context: dict[str, Any], status: int = 200,
+) -> web.Response:
+    env = aiohttp_jinja2.get_env(request.app)
+    assets = request.app[UI_ASSETS]
+    root = _root(request)
+    identity = request.get(IDENTITY, ANONYMOUS)
+    context = {
+        **context, "root": root, "is_admin": "admin" in identity.scopes,
+        "css": f"{root}-/static/ui.css?v={assets['ui.css'].etag.strip(chr(34))}",
+        "js": f"{root}-/static/ui.js?v={assets['ui.js'].etag.strip(chr(34))}",
+        "quote": _quote,
+    }
+    # A 50-release page is thousands of nodes: rendered off the loop.
+    body = await asyncio.to_thread(env.get_template(template).render, context)
+    return web.Response(status=status, body=body.encode(), headers=_HTML_HEADERS)
+
+
+def _quote(segment: str) -> str:
+    return quote(segment, safe="")
+
+
+def _base_url(request: web.Request, config: Config) -> str:
+    """This server as the browser reached it, for snippets to copy. The scheme of
+    X-Forwarded-Proto counts only from a trusted proxy (listen.trusted_proxies)."""
+    scheme = request.scheme
+    proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+    if proto in ("http", "https") and _trusted(request.remote, config):
+        scheme = proto
+    host = request.host if _plain_host(request.host) else "localhost"
+    return f"{scheme}://{host}"
+
+
+def _plain_host(host: str) -> bool:
+    return 0 < len(host) <= 255 and all(c.isalnum() or c in ".-:[]_" for c in host)
+
+
+def _trusted(peer: str | None, config: Config) -> bool:
+    try:
+        address = ipaddress.ip_address(peer or "")
+    except ValueError:
+        return False
+    return any(address in net for net in config.listen.trusted_proxies)
+
+
+# --- who may see what ------------------------------------------------------------
+
+def _readable_groups(identity: Identity, config: Config) -> list[GroupSpec]:
+    """Groups this caller may read: all when reading is anonymous (edge let it
+    through), else those its token's group patterns cover."""
+    groups = list(config.registry.groups)
+    if identity is ANONYMOUS:
+        return groups
+    return [g for g in groups if may_read_group(identity, g.name)]
+
+
+def _group_prefix(group: str, config: Config) -> str:
+    """The path of a group's pages below the root: "" for the default group."""
+    return "" if group == config.registry.default_group.name else f"g/{group}/"
+
+
+# --- landing ---------------------------------------------------------------------
+
+async def landing(request: web.Request) -> web.StreamResponse:
+    """GET / for a browser; app.py authorizes it as a read first."""
+    config = request.app[CONFIG].current
+    identity = request.get(IDENTITY, ANONYMOUS)
+    groups = _readable_groups(identity, config)
+    stores = request.app[STORES]
+    # Each index's projects link to the first readable group that holds it.
+    where: dict[str, str] = {}
+    for group in sorted(groups, key=lambda g: g is not config.registry.default_group):
+        for index in group.index_names:
+            where.setdefault(index, group.name)
+    projects = []
+    for index, group_name in where.items():
+        store = stores.get(index)
+        if store is None:
+            continue
+        for name in await store.names():
+            page = await store.page(name)
+            if page is None:
+                continue
+            latest = versions_of(page)
+            projects.append({
+                "name": name, "index": index, "group": group_name,
+                "href": f"{_group_prefix(group_name, config)}project/{_quote(name)}/",
+                "uploaded": newest_upload(page),
+                "version": latest[0].version if latest else "",
+            })
+    projects.sort(key=lambda p: (p["uploaded"], p["name"]), reverse=True)
+    for p in projects:
+        p["uploaded"] = upload_time_text(p["uploaded"]) or ""
+    base = _base_url(request, config)
+    default = config.registry.default_group
+    shown_group = default if default in groups else (groups[0] if groups else None)
+    snippets: tuple[Snippet, ...] = ()
+    if shown_group is not None:
+        snippets = setup_snippets(
+            base, f"/{_group_prefix(shown_group.name, config)}simple/", "/legacy/",
+            not config.auth.anonymous_read)
+    return await _page(request, "landing.html", {
+        "title": "indexguard",
+        "projects": projects[:MAX_LANDING_PROJECTS],
+        "more": max(0, len(projects) - MAX_LANDING_PROJECTS),
+        "groups": [{"spec": g, "prefix": _group_prefix(g.name, config)} for g in groups],
+        "indexes": [config.registry.index(i) for i in where
+                    if config.registry.index(i) is not None],
+        "first_index": config.registry.first_index.name,
+        "snippets": snippets,
+        "shown_group": shown_group.name if shown_group else None,
+        "base": base,
+    })
+
+
+# --- search ----------------------------------------------------------------------
+
+async def search(request: web.Request) -> web.StreamResponse:
+    """?q= over the view's private names and the upstream names it has served."""
+    config = request.app[CONFIG].current
+    view = view_of(request, config)
+    query = request.query.get("q", "")[:200]
+    names = await request.app[READER].root_names(config, view)
+    found = search_names(query, names)
+    return await _page(request, "search.html", {
+        "title": f"Search: {query}" if query else "Search",
+        "query": query, "results": found, "group": view.name,
+        "prefix": _group_prefix(view.name, config),
+    })
+
+
+# --- project ---------------------------------------------------------------------
+
+def _project_name(raw: str) -> NormalizedName:
+    name = name_from_url(raw)
+    if name is None:
+        raise NotFound("Not a valid project name")
+    return name
+
+
+async def project_no_slash(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPMovedPermanently(f"{_quote(_project_name(request.match_info['project']))}/")
+
+
+async def project(request: web.Request) -> web.StreamResponse:
+    """A project as the view resolves it: where and why, releases, files, description."""
+    raw = request.match_info["project"]
+    name = _project_name(raw)
+    if raw != name:
+        raise web.HTTPMovedPermanently(f"../{_quote(name)}/")
+    config = request.app[CONFIG].current
+    view = view_of(request, config)
+    reader = request.app[READER]
+    group = reader.group_of(view, config)
+    stores = request.app[STORES]
+    held = {i: i in stores and stores[i].is_private(name) for i in group.index_names}
+    # resolve.py's own rule list, called as the reader calls it, without counting
+    # a guard decision or touching the collision ledger for a page view.
+    resolution = resolve(name, group, config.registry, lambda i: held.get(i, False),
+                         config.upstream.forward)
+    context: dict[str, Any] = {
+        "name": name, "group": view.name, "prefix": _group_prefix(view.name, config),
+        "versions": (), "description": None, "hidden": [], "older": 0, "install": (),
+        "source": None,
+    }
+    page: ProjectPage | None = None
+    cached: dict[str, bool] | None = None
+    known: dict[str, Known] = {}
+    if isinstance(resolution, Private):
+        page = await stores[resolution.index.name].page(name)
+        context["source"] = "private"
+        if page is not None:
+            context["description"] = await _description(request, name, page, config, view)
+    elif isinstance(resolution, Upstreams):
+        page, known, mirror = await _known_upstream(reader.mirrors, name, resolution)
+        if page is not None and mirror is not None:
+            page, hidden = _shown(page, config, mirror)
+            context["hidden"] = hidden
+            context["source"] = f"upstream {mirror.name}"
+            cached = await asyncio.to_thread(_cached, mirror, page)
+    also = [i for i in group.index_names if held.get(i)][1:]
+    context["why"] = explain(name, resolution, group, known, also,
+                             reader.ledger.known(name, config))
+    if page is not None:
+        versions = versions_of(page, cached)
+        context["versions"] = versions[:MAX_VERSIONS]
+        context["older"] = max(0, len(versions) - MAX_VERSIONS)
+        current = next((v for v in versions if not v.yanked), versions[0] if versions else None)
+        if current is not None:
+            index_url = _base_url(request, config) + f"/{context['prefix']}simple/"
+            context["install"] = install_snippets(name, current.version, index_url)
+            context["current"] = current.version
+    context["title"] = f"{name} - indexguard"
+    context["size_text"] = size_text
+    return await _page(request, "project.html", context, 200 if page is not None else 404)
+
+
+async def _known_upstream(
+    mirrors: Mapping[str, Mirror], name: NormalizedName, resolution: Upstreams,
+) -> tuple[ProjectPage | None, dict[str, Known], Mirror | None]:
+    """The walk over what each candidate upstream last said (memory or disk, however
+    old), stopping where the simple API's walk would: at the first page, or at
+    the first upstream the proxy knows nothing of. Never asks an upstream."""
+    known: dict[str, Known] = {}
+    for spec in resolution.candidates:
+        mirror = mirrors.get(spec.name)
+        entry = await mirror.known(name) if mirror is not None else None
+        if entry is None:
+            known[spec.name] = "unknown"
+            return None, known, None
+        if entry.page is None:
+            known[spec.name] = "absent"
+            continue
+        known[spec.name] = "page"
+        return entry.page, known, mirror
+    return None, known, None
+
+
+def _shown(page: ProjectPage, config: Config, mirror: Mirror) -> tuple[ProjectPage, list[Any]]:
+    """The page as pip would see it now (min_age applied), and the files hidden."""
+    min_age = mirror.settings(config).min_age
+    now = time.time()
+    shown, _until, hidden = visible(page, config, now, min_age)
+    if not hidden:
+        return shown, []
+    kept = {f.filename for f in shown.files}
+    return shown, [
+        {"filename": f.filename, "until": _stamp(matures_at(f, min_age))}
+        for f in page.files if f.filename not in kept
+    ]
+
+
+def _stamp(when: float | None) -> str:
+    if when is None:
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
+
+
+def _cached(mirror: Mirror, page: ProjectPage) -> dict[str, bool]:
+    """Which of the page's files the proxy holds (a stat each; blocking)."""
+    found: dict[str, bool] = {}
+    for entry in page.files:
+        sha = entry.sha256
+        if sha is None or sha in found:
+            continue
+        try:
+            found[sha] = os.path.isfile(mirror.artifacts.path_for(sha))
+        except NotFound:
+            found[sha] = False
+    return found
+
+
+async def _description(
+    request: web.Request, name: NormalizedName, page: ProjectPage, config: Config, view: View,
+) -> Description | None:
+    """The newest release's description, from its wheel's METADATA (the stored
+    PEP 658 file); rendered once per metadata file, then kept."""
+    with_meta = [f for f in page.files if f.metadata_hashes is not None]
+    if not with_meta:
+        return None
+    by_release = {v.version: v for v in versions_of(ProjectPage(name, tuple(with_meta)))}
+    release = next((v for v in by_release.values() if not v.yanked),
+                   next(iter(by_release.values())))
+    filename = release.files[0].filename
+    entry = page.file(filename)
+    assert entry is not None and entry.metadata_hashes is not None
+    key = entry.metadata_hashes.get("sha256") or f"{name}/{filename}"
+    renderings = request.app[RENDERINGS]
+    found, description = renderings.get(key)
+    if found:
+        return description
+    try:
+        source = await request.app[READER].file(
+            name, filename + METADATA_SUFFIX, config, request.remote or "-", view)
+    except NotFound:
+        return None
+    if not isinstance(source, LocalFile):
+        return None
+    try:
+        raw = await asyncio.to_thread(source.file.read, source.size)
+    finally:
+        await asyncio.to_thread(source.file.close)
+    description = await asyncio.to_thread(render_metadata, raw)
+    renderings.put(key, description)
+    return description
+
+
+# --- guard -----------------------------------------------------------------------
+
+async def guard(request: web.Request) -> web.StreamResponse:
+    """/guard/ (admin): per group its members, reserved patterns, names two indexes
+    hold, files hidden by min_age; every index's private names; collisions seen."""
+    config = request.app[CONFIG].current
+    reader = request.app[READER]
+    stores = request.app[STORES]
+    held_by = {name: await store.names() for name, store in stores.items()}
+    groups = []
+    for group in config.registry.groups:
+        hidden: list[dict[str, str]] = []
+        for member in group.upstream_members:
+            mirror = reader.mirrors.get(member.name)
+            if mirror is None:
+                continue
+            for served in list(reversed(mirror.served_names))[:MAX_GUARD_NAMES]:
+                entry = await mirror.known(NormalizedName(served))
+                if entry is None or entry.page is None:
+                    continue
+                _page_shown, files = _shown(entry.page, config, mirror)
+                hidden.extend({"project": served, "upstream": member.name, **f} for f in files)
+        groups.append({
+            "spec": group, "forward": group.forward and config.upstream.forward,
+            "held_twice": names_held_twice(group, held_by), "hidden": hidden,
+        })
+    return await _page(request, "guard.html", {
+        "title": "Guard - indexguard", "groups": groups, "held_by": held_by,
+        "collisions": reader.ledger.collisions(),
+        "names_report": reader.ledger.names.report(config),
+        "guard": config.guard, "upload_collision": config.guard.upload_collision,
+        "time_text": _stamp,
+    })
