@@ -66,7 +66,8 @@ _HTML_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-cache",
 }
-_ASSET_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+_ASSET_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".svg": "image/svg+xml"}
 # A page lists at most this many releases (an upstream page may list thousands).
 MAX_VERSIONS = 50
 # Landing: the newest private projects shown; the guard page: the upstream names
@@ -134,10 +135,9 @@ async def _page(
     root = _root(request)
     identity = request.get(IDENTITY, ANONYMOUS)
     context = {
-        **context, "root": root, "is_admin": "admin" in identity.scopes,
-        "css": f"{root}-/static/ui.css?v={assets['ui.css'].etag.strip(chr(34))}",
-        "js": f"{root}-/static/ui.js?v={assets['ui.js'].etag.strip(chr(34))}",
-        "quote": _quote,
+        **context, "root": root, "is_admin": "admin" in identity.scopes, "quote": _quote,
+        **{key: f"{root}-/static/{name}?v={assets[name].etag.strip(chr(34))}"
+           for key, name in (("css", "ui.css"), ("js", "ui.js"), ("icon", "favicon.svg"))},
     }
     # A 50-release page is thousands of nodes: rendered off the loop.
     body = await asyncio.to_thread(env.get_template(template).render, context)
