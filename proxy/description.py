@@ -12,12 +12,18 @@ import email.message
 import email.parser
 import email.policy
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import readme_renderer.markdown
 import readme_renderer.rst
 import readme_renderer.txt
+
+with warnings.catch_warnings():
+    # Without readme-renderer's [md] extra (comrak) it warns here and renders
+    # nothing: Markdown then shows as plain text, with a note saying so.
+    warnings.simplefilter("ignore", UserWarning)
+    import readme_renderer.markdown
 
 # A METADATA file is at most 16 MiB (publish.py); rendering that much Markdown
 # would hold a thread for seconds. PyPI's own descriptions are far smaller.
@@ -52,7 +58,9 @@ def render(text: str, content_type: str | None) -> Description:
     rendered: str | None
     if media == "text/markdown":
         variant = params.get("variant", "GFM")
-        rendered = readme_renderer.markdown.render(text, variant=variant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            rendered = readme_renderer.markdown.render(text, variant=variant)
     elif media == "text/x-rst":
         rendered = readme_renderer.rst.render(text)
     else:
