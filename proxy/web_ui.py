@@ -65,6 +65,8 @@ _HTML_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-cache",
+    # GET / is negotiated (app._landing); the other pages are HTML only.
+    "Vary": "Accept",
 }
 _ASSET_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".svg": "image/svg+xml"}
@@ -200,25 +202,25 @@ async def landing(request: web.Request) -> web.StreamResponse:
     for group in sorted(groups, key=lambda g: g is not config.registry.default_group):
         for index in group.index_names:
             where.setdefault(index, group.name)
-    projects = []
-    for index, group_name in where.items():
+    found: list[tuple[str, str, str, ProjectPage]] = []
+    for index in where:
         store = stores.get(index)
         if store is None:
             continue
-        for name in await store.names():
-            page = await store.page(name)
-            if page is None:
-                continue
-            latest = versions_of(page)
-            projects.append({
-                "name": name, "index": index, "group": group_name,
-                "href": f"{_group_prefix(group_name, config)}project/{_quote(name)}/",
-                "uploaded": newest_upload(page),
-                "version": latest[0].version if latest else "",
-            })
-    projects.sort(key=lambda p: (p["uploaded"], p["name"]), reverse=True)
-    for p in projects:
-        p["uploaded"] = upload_time_text(p["uploaded"]) or ""
+        for held in await store.names():
+            page = await store.page(held)
+            if page is not None:
+                found.append((newest_upload(page), held, index, page))
+    found.sort(key=lambda p: (p[0], p[1]), reverse=True)
+    projects = []
+    for uploaded, shown, index, page in found[:MAX_LANDING_PROJECTS]:
+        latest = versions_of(page)  # only for those shown: a sort of every file
+        prefix = _group_prefix(where[index], config)
+        projects.append({
+            "name": shown, "index": index, "href": f"{prefix}project/{_quote(shown)}/",
+            "uploaded": upload_time_text(uploaded) or "",
+            "version": latest[0].version if latest else "",
+        })
     base = _base_url(request, config)
     default = config.registry.default_group
     shown_group = default if default in groups else (groups[0] if groups else None)
@@ -229,8 +231,9 @@ async def landing(request: web.Request) -> web.StreamResponse:
             not config.auth.anonymous_read)
     return await _page(request, "landing.html", {
         "title": "indexguard",
-        "projects": projects[:MAX_LANDING_PROJECTS],
-        "more": max(0, len(projects) - MAX_LANDING_PROJECTS),
+        "projects": projects,
+        "more": max(0, len(found) - MAX_LANDING_PROJECTS),
+        "gitlab": _gitlab_aliases(config, {g.name for g in groups}),
         "groups": [{"spec": g, "prefix": _group_prefix(g.name, config)} for g in groups],
         "indexes": [config.registry.index(i) for i in where
                     if config.registry.index(i) is not None],
@@ -239,6 +242,19 @@ async def landing(request: web.Request) -> web.StreamResponse:
         "shown_group": shown_group.name if shown_group else None,
         "base": base,
     })
+
+
+def _gitlab_aliases(config: Config, readable: set[str]) -> list[dict[str, str]]:
+    """GitLab's URLs this server answers (gitlab.projects / gitlab.groups), for the
+    groups the caller reads."""
+    gitlab = config.registry.gitlab
+    rows = [{"kind": "project", "id": ident, "path": f"api/v4/projects/{_quote(ident)}/"
+             "packages/pypi/simple/", "group": alias.group, "index": alias.index}
+            for ident, alias in sorted(gitlab.projects.items()) if alias.group in readable]
+    rows += [{"kind": "group", "id": ident, "path": f"api/v4/groups/{_quote(ident)}/-/"
+              "packages/pypi/simple/", "group": group, "index": ""}
+             for ident, group in sorted(gitlab.groups.items()) if group in readable]
+    return rows
 
 
 # --- search ----------------------------------------------------------------------

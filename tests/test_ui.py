@@ -26,6 +26,7 @@ from tests.faults.helpers import (
     auth_config,
     basic,
     call,
+    eventually,
     upload,
 )
 from tests.support.artifacts import build_wheel, sha256_file
@@ -42,6 +43,7 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+ADMIN_AUTH = {"Authorization": basic(ADMIN, ADMIN_SECRET)}
 # A description that would leave a trace if its script ran.
 DESCRIPTION = """# Acme Lib
 
@@ -278,6 +280,7 @@ def _registry_proxy(make_proxy: MakeProxy, pypi: FakeUpstream, torch: FakeUpstre
                 {"upstream": "pypi"}]},
             {"name": "ml", "members": [{"index": "ml"}, {"upstream": "pypi"}]},
         ],
+        "gitlab": {"projects": {"42": "platform", "acme/ml": "ml"}, "groups": {"acme": "default"}},
     })
     return make_proxy(config)
 
@@ -337,9 +340,43 @@ def test_the_project_page_says_why_a_name_resolves_where_it_does(
     assert "torch-2.5.0-py3-none-any.whl" in torch_page and "9.9.9" not in torch_page
     # None of that asked an upstream anything.
     assert upstream.requests == [] and torch_upstream.requests == []
+    # The landing lists the GitLab URLs this server answers.
+    landing = call(proxy.url + "/", headers={"Accept": "text/html"}).body.decode()
+    for path in ("/api/v4/projects/42/packages/pypi/simple/",
+                 "/api/v4/projects/acme%2Fml/packages/pypi/simple/",
+                 "/api/v4/groups/acme/-/packages/pypi/simple/"):
+        assert f"<code>{path}</code>" in landing
     # A group page for an unknown group, a name that is no name: 404 with the reason.
     assert call(proxy.url + "/g/nope/project/six/").status == 404
     assert call(proxy.url + "/project/-x-/").status == 404
+
+
+def test_blocked_collisions_are_named_on_the_project_and_guard_pages(
+    make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path,
+) -> None:
+    """A private or reserved name that also exists upstream (from the upstream's
+    project list, never by asking for the name) says so; the guard page lists it."""
+    upstream.add(build_wheel(tmp_path / "up", "corp-lib", "6.6.6"))
+    upstream.add(build_wheel(tmp_path / "up", "acme-secret", "6.6.6"))
+    proxy = _proxy(make_proxy, upstream, guard={"private_only": ["acme-*"]})
+    _publish(proxy, tmp_path, "corp-lib", "1.0")
+    for name in ("corp-lib", "acme-secret"):
+        call(proxy.url + f"/simple/{name}/")  # what a client's install would ask
+
+    def notes(path: str) -> str:
+        return call(proxy.url + path, headers={"Accept": "text/html"}).body.decode()
+
+    collision = "blocked collision: the same name exists upstream"
+    assert eventually(lambda: collision in notes("/project/corp-lib/"))
+    assert _why(proxy, "/project/corp-lib/") == (200, "private in index default")
+    assert collision in notes("/project/acme-secret/")
+    assert _why(proxy, "/project/acme-secret/") == (
+        404, "reserved by acme-* in group default: never forwarded")
+    guard = call(proxy.url + "/guard/", headers=ADMIN_AUTH).body.decode()
+    assert "<td><code>acme-secret</code></td><td>reserved</td>" in guard
+    assert "<td><code>corp-lib</code></td><td>private</td>" in guard
+    # Asked of upstream: its project list only, never either name.
+    assert [r for r in upstream.requests if "corp-lib" in r[1] or "acme-secret" in r[1]] == []
 
 
 def test_a_token_sees_only_the_groups_it_may_read(
