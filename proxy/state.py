@@ -10,8 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from .auth import Authenticator, Identity
+from .catalog import Catalog
 from .config import Config
-from .description import Renderings
 from .metrics import Metrics
 from .publish import Publisher
 from .reader import Reader
@@ -34,6 +34,6 @@ STORES = web.AppKey("stores", dict[str, PrivateStore])
 READER = web.AppKey("reader", Reader)
 PUBLISHERS = web.AppKey("publishers", dict[str, Publisher])
 AUTH = web.AppKey("auth", Authenticator)
-# The web UI (web_ui.py): rendered descriptions, and its CSS and JS read at start.
-RENDERINGS = web.AppKey("renderings", Renderings)
+# The web UI (web_ui.py): what it shows, and its CSS and JS read at start.
+CATALOG = web.AppKey("catalog", Catalog)
 UI_ASSETS = web.AppKey("ui_assets", dict[str, Any])

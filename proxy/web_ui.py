@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
-import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,33 +23,17 @@ import jinja2
 from aiohttp import web
 from packaging.utils import NormalizedName
 
-from .answers import LocalFile, visible
 from .auth import ANONYMOUS, Identity
+from .catalog import Catalog
 from .config import Config
-from .description import Description, Renderings, render_metadata
-from .dists import METADATA_SUFFIX, name_from_url
+from .description import Renderings
+from .dists import name_from_url
 from .errors import NotFound
-from .guard import matures_at
-from .mirror import Mirror
-from .model import ProjectPage
-from .reader import View
 from .registry import GroupSpec
-from .resolve import Private, Upstreams, may_read_group, names_held_twice, resolve
-from .state import CONFIG, IDENTITY, READER, RENDERINGS, STORES, UI_ASSETS
-from .ui_model import (
-    Known,
-    Snippet,
-    explain,
-    install_snippets,
-    newest_upload,
-    setup_snippets,
-    size_text,
-    upload_time_text,
-    versions_of,
-)
-from .ui_model import (
-    search as search_names,
-)
+from .resolve import may_read_group, names_held_twice
+from .state import CATALOG, CONFIG, IDENTITY, READER, UI_ASSETS
+from .ui_model import Snippet, install_snippets, setup_snippets, size_text, upload_time_text
+from .ui_model import search as search_names
 from .web_simple import view_of
 
 _HERE = Path(__file__).resolve().parent
@@ -72,10 +54,8 @@ _ASSET_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; char
                 ".svg": "image/svg+xml"}
 # A page lists at most this many releases (an upstream page may list thousands).
 MAX_VERSIONS = 50
-# Landing: the newest private projects shown; the guard page: the upstream names
-# (most recently served first) looked at for files hidden by min_age.
+# Landing: the newest private projects shown.
 MAX_LANDING_PROJECTS = 50
-MAX_GUARD_NAMES = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +73,7 @@ async def setup(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined,
     )
     app[UI_ASSETS] = await asyncio.to_thread(_read_assets, _HERE / "static")
-    app[RENDERINGS] = Renderings()
+    app[CATALOG] = Catalog(app[READER], Renderings())
 
 
 def _read_assets(folder: Path) -> dict[str, Asset]:
@@ -196,31 +176,17 @@ async def landing(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG].current
     identity = request.get(IDENTITY, ANONYMOUS)
     groups = _readable_groups(identity, config)
-    stores = request.app[STORES]
     # Each index's projects link to the first readable group that holds it.
     where: dict[str, str] = {}
     for group in sorted(groups, key=lambda g: g is not config.registry.default_group):
         for index in group.index_names:
             where.setdefault(index, group.name)
-    found: list[tuple[str, str, str, ProjectPage]] = []
-    for index in where:
-        store = stores.get(index)
-        if store is None:
-            continue
-        for held in await store.names():
-            page = await store.page(held)
-            if page is not None:
-                found.append((newest_upload(page), held, index, page))
-    found.sort(key=lambda p: (p[0], p[1]), reverse=True)
-    projects = []
-    for uploaded, shown, index, page in found[:MAX_LANDING_PROJECTS]:
-        latest = versions_of(page)  # only for those shown: a sort of every file
-        prefix = _group_prefix(where[index], config)
-        projects.append({
-            "name": shown, "index": index, "href": f"{prefix}project/{_quote(shown)}/",
-            "uploaded": upload_time_text(uploaded) or "",
-            "version": latest[0].version if latest else "",
-        })
+    newest, total = await request.app[CATALOG].newest_private(where, MAX_LANDING_PROJECTS)
+    projects = [{
+        "name": p.name, "index": p.index, "version": p.latest,
+        "href": f"{_group_prefix(where[p.index], config)}project/{_quote(p.name)}/",
+        "uploaded": upload_time_text(p.uploaded) or "",
+    } for p in newest]
     base = _base_url(request, config)
     default = config.registry.default_group
     shown_group = default if default in groups else (groups[0] if groups else None)
@@ -232,7 +198,7 @@ async def landing(request: web.Request) -> web.StreamResponse:
     return await _page(request, "landing.html", {
         "title": "indexguard",
         "projects": projects,
-        "more": max(0, len(found) - MAX_LANDING_PROJECTS),
+        "more": max(0, total - MAX_LANDING_PROJECTS),
         "gitlab": _gitlab_aliases(config, {g.name for g in groups}),
         "groups": [{"spec": g, "prefix": _group_prefix(g.name, config)} for g in groups],
         "indexes": [config.registry.index(i) for i in where
@@ -294,84 +260,23 @@ async def project(request: web.Request) -> web.StreamResponse:
         raise web.HTTPMovedPermanently(f"../{_quote(name)}/")
     config = request.app[CONFIG].current
     view = view_of(request, config)
-    reader = request.app[READER]
-    group = reader.group_of(view, config)
-    stores = request.app[STORES]
-    held = {i: i in stores and stores[i].is_private(name) for i in group.index_names}
-    # resolve.py's own rule list, called as the reader calls it, without counting
-    # a guard decision or touching the collision ledger for a page view.
-    resolution = resolve(name, group, config.registry, lambda i: held.get(i, False),
-                         config.upstream.forward)
-    context: dict[str, Any] = {
-        "name": name, "group": view.name, "prefix": _group_prefix(view.name, config),
-        "versions": (), "description": None, "hidden": [], "older": 0, "install": (),
-        "source": None,
-    }
-    page: ProjectPage | None = None
-    cached: dict[str, bool] | None = None
-    known: dict[str, Known] = {}
-    if isinstance(resolution, Private):
-        page = await stores[resolution.index.name].page(name)
-        context["source"] = "private"
-        if page is not None:
-            context["description"] = await _description(request, name, page, config, view)
-    elif isinstance(resolution, Upstreams):
-        page, known, mirror = await _known_upstream(reader.mirrors, name, resolution)
-        if page is not None and mirror is not None:
-            page, hidden = _shown(page, config, mirror)
-            context["hidden"] = hidden
-            context["source"] = f"upstream {mirror.name}"
-            cached = await asyncio.to_thread(_cached, mirror, page)
-    also = [i for i in group.index_names if held.get(i)][1:]
-    context["why"] = explain(name, resolution, group, known, also,
-                             reader.ledger.known(name, config))
-    if page is not None:
-        versions = versions_of(page, cached)
-        context["versions"] = versions[:MAX_VERSIONS]
-        context["older"] = max(0, len(versions) - MAX_VERSIONS)
-        current = next((v for v in versions if not v.yanked), versions[0] if versions else None)
-        if current is not None:
-            index_url = _base_url(request, config) + f"/{context['prefix']}simple/"
-            context["install"] = install_snippets(name, current.version, index_url)
-            context["current"] = current.version
-    context["title"] = f"{name} - indexguard"
-    context["size_text"] = size_text
-    return await _page(request, "project.html", context, 200 if page is not None else 404)
-
-
-async def _known_upstream(
-    mirrors: Mapping[str, Mirror], name: NormalizedName, resolution: Upstreams,
-) -> tuple[ProjectPage | None, dict[str, Known], Mirror | None]:
-    """The walk over what each candidate upstream last said (memory or disk, however
-    old), stopping where the simple API's walk would: at the first page, or at
-    the first upstream the proxy knows nothing of. Never asks an upstream."""
-    known: dict[str, Known] = {}
-    for spec in resolution.candidates:
-        mirror = mirrors.get(spec.name)
-        entry = await mirror.known(name) if mirror is not None else None
-        if entry is None:
-            known[spec.name] = "unknown"
-            return None, known, None
-        if entry.page is None:
-            known[spec.name] = "absent"
-            continue
-        known[spec.name] = "page"
-        return entry.page, known, mirror
-    return None, known, None
-
-
-def _shown(page: ProjectPage, config: Config, mirror: Mirror) -> tuple[ProjectPage, list[Any]]:
-    """The page as pip would see it now (min_age applied), and the files hidden."""
-    min_age = mirror.settings(config).min_age
-    now = time.time()
-    shown, _until, hidden = visible(page, config, now, min_age)
-    if not hidden:
-        return shown, []
-    kept = {f.filename for f in shown.files}
-    return shown, [
-        {"filename": f.filename, "until": _stamp(matures_at(f, min_age))}
-        for f in page.files if f.filename not in kept
-    ]
+    found = await request.app[CATALOG].project(name, view, config, request.remote or "-")
+    prefix = _group_prefix(view.name, config)
+    current = next((v for v in found.versions if not v.yanked),
+                   found.versions[0] if found.versions else None)
+    install: tuple[Snippet, ...] = ()
+    if current is not None:
+        index_url = f"{_base_url(request, config)}/{prefix}simple/"
+        install = install_snippets(name, current.version, index_url)
+    return await _page(request, "project.html", {
+        "title": f"{name} - indexguard", "name": name, "group": view.name, "prefix": prefix,
+        "why": found.why, "source": found.source, "description": found.description,
+        "versions": found.versions[:MAX_VERSIONS],
+        "older": max(0, len(found.versions) - MAX_VERSIONS),
+        "current": current.version if current is not None else None,
+        "install": install, "held_back": found.held_back,
+        "size_text": size_text, "time_text": _stamp,
+    }, 200 if found.source is not None else 404)
 
 
 def _stamp(when: float | None) -> str:
@@ -380,85 +285,23 @@ def _stamp(when: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(when))
 
 
-def _cached(mirror: Mirror, page: ProjectPage) -> dict[str, bool]:
-    """Which of the page's files the proxy holds (a stat each; blocking)."""
-    found: dict[str, bool] = {}
-    for entry in page.files:
-        sha = entry.sha256
-        if sha is None or sha in found:
-            continue
-        try:
-            found[sha] = os.path.isfile(mirror.artifacts.path_for(sha))
-        except NotFound:
-            found[sha] = False
-    return found
-
-
-async def _description(
-    request: web.Request, name: NormalizedName, page: ProjectPage, config: Config, view: View,
-) -> Description | None:
-    """The newest release's description, from its wheel's METADATA (the stored
-    PEP 658 file); rendered once per metadata file, then kept."""
-    with_meta = [f for f in page.files if f.metadata_hashes is not None]
-    if not with_meta:
-        return None
-    by_release = {v.version: v for v in versions_of(ProjectPage(name, tuple(with_meta)))}
-    release = next((v for v in by_release.values() if not v.yanked),
-                   next(iter(by_release.values())))
-    filename = release.files[0].filename
-    entry = page.file(filename)
-    assert entry is not None and entry.metadata_hashes is not None
-    key = entry.metadata_hashes.get("sha256") or f"{name}/{filename}"
-    renderings = request.app[RENDERINGS]
-    found, description = renderings.get(key)
-    if found:
-        return description
-    try:
-        source = await request.app[READER].file(
-            name, filename + METADATA_SUFFIX, config, request.remote or "-", view)
-    except NotFound:
-        return None
-    if not isinstance(source, LocalFile):
-        return None
-    try:
-        raw = await asyncio.to_thread(source.file.read, source.size)
-    finally:
-        await asyncio.to_thread(source.file.close)
-    description = await asyncio.to_thread(render_metadata, raw)
-    renderings.put(key, description)
-    return description
-
-
 # --- guard -----------------------------------------------------------------------
 
 async def guard(request: web.Request) -> web.StreamResponse:
     """/guard/ (admin): per group its members, reserved patterns, names two indexes
-    hold, files hidden by min_age; every index's private names; collisions seen."""
+    hold, files held back by min_age; every index's private names; collisions seen."""
     config = request.app[CONFIG].current
     reader = request.app[READER]
-    stores = request.app[STORES]
-    held_by = {name: await store.names() for name, store in stores.items()}
-    groups = []
-    for group in config.registry.groups:
-        hidden: list[dict[str, str]] = []
-        for member in group.upstream_members:
-            mirror = reader.mirrors.get(member.name)
-            if mirror is None:
-                continue
-            for served in list(reversed(mirror.served_names))[:MAX_GUARD_NAMES]:
-                entry = await mirror.known(NormalizedName(served))
-                if entry is None or entry.page is None:
-                    continue
-                _page_shown, files = _shown(entry.page, config, mirror)
-                hidden.extend({"project": served, "upstream": member.name, **f} for f in files)
-        groups.append({
-            "spec": group, "forward": group.forward and config.upstream.forward,
-            "held_twice": names_held_twice(group, held_by), "hidden": hidden,
-        })
+    catalog = request.app[CATALOG]
+    held_by = {name: await store.names() for name, store in reader.stores.items()}
+    groups = [{
+        "spec": group, "forward": group.forward and config.upstream.forward,
+        "held_twice": names_held_twice(group, held_by),
+        "held_back": await catalog.held_back(group, config),
+    } for group in config.registry.groups]
     return await _page(request, "guard.html", {
         "title": "Guard - indexguard", "groups": groups, "held_by": held_by,
         "collisions": reader.ledger.collisions(),
         "names_report": reader.ledger.names.report(config),
-        "guard": config.guard, "upload_collision": config.guard.upload_collision,
-        "time_text": _stamp,
+        "upload_collision": config.guard.upload_collision, "time_text": _stamp,
     })

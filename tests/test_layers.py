@@ -9,8 +9,8 @@ PROXY = Path(__file__).resolve().parents[1] / "proxy"
 # Top to bottom, the way a request travels; a module may import only later ones.
 ORDER = [
     "__main__", "cli", "app", "web_ui", "web_simple", "web_upload", "web_admin", "web_ops",
-    "state", "logs", "ui_model", "description", "reader", "mirror", "page_memory", "answers",
-    "publish", "guard", "resolve",
+    "state", "logs", "catalog", "ui_model", "description", "reader", "mirror", "page_memory",
+    "answers", "publish", "guard", "resolve",
     "upstream_names", "auth", "login_limit", "cache", "pagecache", "follow", "sink",
     "download", "upstream", "metrics", "store", "generation", "hashlock", "fsutil", "config",
     "registry", "patterns", "simple_api", "distcheck", "dists", "model", "errors",
