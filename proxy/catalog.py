@@ -13,10 +13,12 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from packaging.utils import NormalizedName
 
-from .answers import LocalFile, visible
+from .answers import visible
+from .cache import open_sized
 from .config import Config
 from .description import Description, Renderings, render_metadata
 from .dists import METADATA_SUFFIX
@@ -27,6 +29,7 @@ from .model import ProjectPage
 from .reader import Reader, View
 from .registry import GroupSpec
 from .resolve import Private, Upstreams, resolve
+from .store import PrivateStore
 from .ui_model import Explanation, Known, VersionView, explain, newest_upload, versions_of
 
 # The upstream names (most recently served first) looked at for files held back
@@ -68,7 +71,7 @@ class Catalog:
         self.renderings = renderings
 
     async def project(
-        self, name: NormalizedName, view: View, config: Config, client: str,
+        self, name: NormalizedName, view: View, config: Config,
     ) -> Project:
         """The name as the view resolves it, with what the proxy knows of it.
         Raises NotFound for a view the config does not have."""
@@ -88,10 +91,11 @@ class Catalog:
         held_back: tuple[HeldBack, ...] = ()
         description = None
         if isinstance(resolution, Private):
-            page = await stores[resolution.index.name].page(name)
+            store = stores[resolution.index.name]
+            page = await store.page(name)
             if page is not None:
                 source = "private"
-                description = await self._description(name, page, config, client, view)
+                description = await self._description(store, page)
         elif isinstance(resolution, Upstreams):
             found, known = await self._known_upstream(name, resolution)
             if found is not None:
@@ -124,11 +128,10 @@ class Catalog:
             return (mirror, entry.page), known
         return None, known
 
-    async def _description(
-        self, name: NormalizedName, page: ProjectPage, config: Config, client: str, view: View,
-    ) -> Description | None:
+    async def _description(self, store: PrivateStore, page: ProjectPage) -> Description | None:
         """The newest unyanked release's description, from its wheel's METADATA (the
         stored PEP 658 file; sdists have none); rendered once per metadata file."""
+        name = page.name
         with_meta = ProjectPage(name, tuple(f for f in page.files if f.has_metadata))
         releases = versions_of(with_meta)
         if not releases:
@@ -142,18 +145,13 @@ class Catalog:
         found, description = self.renderings.get(key)
         if found:
             return description
+        # Read from the store as the reader does, but not through Reader.file():
+        # that would count a guard decision (and maybe a collision) per page view.
+        path = store.file_path(name, entry.filename + METADATA_SUFFIX)
         try:
-            source = await self.reader.file(
-                name, entry.filename + METADATA_SUFFIX, config, client, view)
-        except NotFound:  # deleted meanwhile
+            raw = await asyncio.to_thread(_read_all, path)
+        except FileNotFoundError:  # deleted meanwhile
             return None
-        if not isinstance(source, LocalFile):
-            return None
-        try:
-            # At most 16 MiB: publish.py bounds the METADATA it stores.
-            raw = await asyncio.to_thread(source.file.read, source.size)
-        finally:
-            await asyncio.to_thread(source.file.close)
         description = await asyncio.to_thread(render_metadata, raw)
         self.renderings.put(key, description)
         return description
@@ -193,6 +191,13 @@ class Catalog:
                 if entry is not None and entry.page is not None:
                     out.extend(_shown(NormalizedName(served), entry.page, config, mirror)[1])
         return out
+
+
+def _read_all(path: Path) -> bytes:
+    fh, size = open_sized(path)
+    with fh:
+        # At most 16 MiB: publish.py bounds the METADATA it stores.
+        return fh.read(size)
 
 
 def _shown(

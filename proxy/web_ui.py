@@ -260,7 +260,7 @@ async def project(request: web.Request) -> web.StreamResponse:
         raise web.HTTPMovedPermanently(f"../{_quote(name)}/")
     config = request.app[CONFIG].current
     view = view_of(request, config)
-    found = await request.app[CATALOG].project(name, view, config, request.remote or "-")
+    found = await request.app[CATALOG].project(name, view, config)
     prefix = _group_prefix(view.name, config)
     current = next((v for v in found.versions if not v.yanked),
                    found.versions[0] if found.versions else None)

@@ -27,6 +27,7 @@ from tests.faults.helpers import (
     basic,
     call,
     eventually,
+    metric,
     upload,
 )
 from tests.support.artifacts import build_wheel, sha256_file
@@ -362,19 +363,27 @@ def test_blocked_collisions_are_named_on_the_project_and_guard_pages(
     _publish(proxy, tmp_path, "corp-lib", "1.0")
     for name in ("corp-lib", "acme-secret"):
         call(proxy.url + f"/simple/{name}/")  # what a client's install would ask
+    assert eventually(lambda: metric(proxy, "indexguard_blocked_collisions_total",
+                                     project="corp-lib") == 1)
+    # From here on only people look: no guard decision, no collision is counted.
+    before = (metric(proxy, "indexguard_guard_decisions_total"),
+              metric(proxy, "indexguard_blocked_collisions_total"))
 
-    def notes(path: str) -> str:
+    def page(path: str) -> str:
         return call(proxy.url + path, headers={"Accept": "text/html"}).body.decode()
 
     collision = "blocked collision: the same name exists upstream"
-    assert eventually(lambda: collision in notes("/project/corp-lib/"))
+    assert collision in page("/project/corp-lib/")
     assert _why(proxy, "/project/corp-lib/") == (200, "private in index default")
-    assert collision in notes("/project/acme-secret/")
+    assert collision in page("/project/acme-secret/")
     assert _why(proxy, "/project/acme-secret/") == (
         404, "reserved by acme-* in group default: never forwarded")
+    assert "corp-lib" in page("/search?q=corp") and "corp-lib" in page("/")
     guard = call(proxy.url + "/guard/", headers=ADMIN_AUTH).body.decode()
     assert "<td><code>acme-secret</code></td><td>reserved</td>" in guard
     assert "<td><code>corp-lib</code></td><td>private</td>" in guard
+    assert (metric(proxy, "indexguard_guard_decisions_total"),
+            metric(proxy, "indexguard_blocked_collisions_total")) == before
     # Asked of upstream: its project list only, never either name.
     assert [r for r in upstream.requests if "corp-lib" in r[1] or "acme-secret" in r[1]] == []
 
