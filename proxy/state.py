@@ -5,8 +5,6 @@ State lives on the aiohttp Application under these keys; nothing module-level.
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 
 from .auth import Authenticator, Identity
@@ -16,6 +14,7 @@ from .metrics import Metrics
 from .publish import Publisher
 from .reader import Reader
 from .store import PrivateStore
+from .ui_model import Asset
 
 
 class LiveConfig:
@@ -36,4 +35,4 @@ PUBLISHERS = web.AppKey("publishers", dict[str, Publisher])
 AUTH = web.AppKey("auth", Authenticator)
 # The web UI (web_ui.py): what it shows, and its CSS and JS read at start.
 CATALOG = web.AppKey("catalog", Catalog)
-UI_ASSETS = web.AppKey("ui_assets", dict[str, Any])
+UI_ASSETS = web.AppKey("ui_assets", dict[str, Asset])

@@ -30,6 +30,15 @@ MAX_QUERY = 100
 
 
 @dataclass(frozen=True, slots=True)
+class Asset:
+    """A static file of the UI (CSS, script, icon), read once at start."""
+
+    body: bytes
+    content_type: str
+    etag: str  # quoted: '"<16 hex digits of its sha256>"'
+
+
+@dataclass(frozen=True, slots=True)
 class FileView:
     filename: str
     size: int | None

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import ipaddress
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -32,7 +31,7 @@ from .errors import NotFound
 from .registry import GroupSpec
 from .resolve import may_read_group, names_held_twice
 from .state import CATALOG, CONFIG, IDENTITY, READER, UI_ASSETS
-from .ui_model import Snippet, install_snippets, setup_snippets, size_text, upload_time_text
+from .ui_model import Asset, Snippet, install_snippets, setup_snippets, size_text, upload_time_text
 from .ui_model import search as search_names
 from .web_simple import view_of
 
@@ -56,13 +55,6 @@ _ASSET_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; char
 MAX_VERSIONS = 50
 # Landing: the newest private projects shown.
 MAX_LANDING_PROJECTS = 50
-
-
-@dataclass(frozen=True, slots=True)
-class Asset:
-    body: bytes
-    content_type: str
-    etag: str
 
 
 async def setup(app: web.Application) -> None:
@@ -121,9 +113,14 @@ async def _page(
         **{key: f"{root}-/static/{name}?v={assets[name].etag.strip(chr(34))}"
            for key, name in (("css", "ui.css"), ("js", "ui.js"), ("icon", "favicon.svg"))},
     }
-    # A 50-release page is thousands of nodes: rendered off the loop.
-    body = await asyncio.to_thread(env.get_template(template).render, context)
-    return web.Response(status=status, body=body.encode(), headers=_HTML_HEADERS)
+    # A 50-release page is thousands of nodes, and a template's first use reads
+    # its file: both off the loop.
+    body = await asyncio.to_thread(_render, env, template, context)
+    return web.Response(status=status, body=body, headers=_HTML_HEADERS)
+
+
+def _render(env: jinja2.Environment, template: str, context: dict[str, Any]) -> bytes:
+    return env.get_template(template).render(context).encode()
 
 
 def _quote(segment: str) -> str:
