@@ -420,6 +420,31 @@ def test_a_token_sees_only_the_groups_it_may_read(
     assert found.status == 200 and b"secret-thing" not in found.body
 
 
+def test_static_files_are_open_immutable_and_named_by_their_hash(
+    make_proxy: MakeProxy, upstream: FakeUpstream,
+) -> None:
+    """CSS and script carry nothing private: served without credentials even when
+    reading needs them, kept a year, revalidated by ETag; nothing else is served."""
+    import re
+
+    proxy = make_proxy(private_auth_config(upstream.url))
+    page = call(proxy.url + "/", headers={
+        "Accept": "text/html", "Authorization": basic(READER, READER_SECRET)}).body.decode()
+    links = re.findall(r'(?:href|src)="(-/static/[^"]+)"', page)
+    assert sorted(link.split("?")[0] for link in links) == [
+        "-/static/favicon.svg", "-/static/ui.css", "-/static/ui.js"]
+    for link in links:
+        answer = call(f"{proxy.url}/{link}")
+        assert answer.status == 200
+        assert answer.headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert link.endswith("?v=" + answer.headers["etag"].strip('"'))
+        assert answer.headers["etag"].strip('"') == hashlib.sha256(answer.body).hexdigest()[:16]
+        again = call(f"{proxy.url}/{link}", headers={"If-None-Match": answer.headers["etag"]})
+        assert again.status == 304 and again.body == b""
+    for missing in ("/-/static/nope.css", "/-/static/..%2Fweb_ui.py", "/-/static/"):
+        assert call(proxy.url + missing).status == 404
+
+
 # --- pure parts, in process -----------------------------------------------------------
 
 @pytest.mark.parametrize(("accept", "html"), [
