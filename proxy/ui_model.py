@@ -247,34 +247,50 @@ class Snippet:
 def setup_snippets(base: str, simple: str, upload: str, needs_token: bool) -> tuple[Snippet, ...]:
     """How to point pip, uv and poetry at a group, and twine and uv publish at an
     index. base is this server's URL as the browser reached it; simple and upload
-    the paths (relative to base) of the group's index and the upload URL."""
+    the paths (from base) of the group's index and of the upload URL; needs_token:
+    reading takes credentials (auth.anonymous_read: false)."""
     index_url = base + simple
     upload_url = base + upload
-    reader = f"{base.split('://', 1)[0]}://<user>:<token>@{base.split('://', 1)[-1]}{simple}"
-    pip_url = reader if needs_token else index_url
+    pip_url = _with_token(index_url) if needs_token else index_url
+    uv_auth = ("# credentials: UV_INDEX_INDEXGUARD_USERNAME=__token__ and\n"
+               "# UV_INDEX_INDEXGUARD_PASSWORD=<token> in the environment\n"
+               if needs_token else "")
+    poetry_auth = ("# credentials: poetry config http-basic.indexguard __token__ <token>\n"
+                   if needs_token else "")
     return (
         Snippet("pip-conf", "pip.conf", f"[global]\nindex-url = {pip_url}\n"),
         Snippet("pip-env", "PIP_INDEX_URL", f"export PIP_INDEX_URL={pip_url}\n"),
         Snippet("uv-index", "uv: [[tool.uv.index]] in pyproject.toml",
                 f'[[tool.uv.index]]\nname = "indexguard"\nurl = "{index_url}"\n'
-                "default = true\n"),
+                f"default = true\n{uv_auth}"),
         Snippet("poetry", "poetry: [[tool.poetry.source]] in pyproject.toml",
                 f'[[tool.poetry.source]]\nname = "indexguard"\nurl = "{index_url}"\n'
-                'priority = "primary"\n'),
+                f'priority = "primary"\n{poetry_auth}'),
         Snippet("pypirc", ".pypirc for twine",
                 "[distutils]\nindex-servers = indexguard\n\n[indexguard]\n"
                 f"repository = {upload_url}\nusername = __token__\n"
                 "password = <a token with the write scope>\n"),
         Snippet("uv-publish", "uv publish",
-                f"uv publish --publish-url {upload_url} --check-url {index_url} \\\n"
-                "  --username __token__ --password \"$INDEXGUARD_TOKEN\" dist/*\n"),
+                f"uv publish --publish-url {upload_url} \\\n"
+                f"  --check-url {index_url} \\\n"
+                '  --username __token__ --password "$INDEXGUARD_TOKEN" dist/*\n'),
     )
 
 
-def install_snippets(name: NormalizedName, version: str, index_url: str) -> tuple[Snippet, ...]:
+def install_snippets(
+    name: NormalizedName, version: str, index_url: str, needs_token: bool,
+) -> tuple[Snippet, ...]:
     """pip and uv, pinned to one release of the project, through this index."""
     pin = f"{name}=={version}"
+    url = _with_token(index_url) if needs_token else index_url
     return (
-        Snippet("install-pip", "pip", f"pip install --index-url {index_url} {pin}\n"),
-        Snippet("install-uv", "uv", f"uv pip install --index-url {index_url} {pin}\n"),
+        Snippet("install-pip", "pip", f"pip install --index-url {url} {pin}\n"),
+        Snippet("install-uv", "uv", f"uv pip install --index-url {url} {pin}\n"),
     )
+
+
+def _with_token(url: str) -> str:
+    """The URL with a placeholder for a token (pip and uv take credentials in it;
+    any user name works with our tokens as __token__)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://__token__:<token>@{rest}"

@@ -31,7 +31,14 @@ from .errors import NotFound
 from .registry import GroupSpec
 from .resolve import may_read_group, names_held_twice
 from .state import CATALOG, CONFIG, IDENTITY, READER, UI_ASSETS
-from .ui_model import Asset, Snippet, install_snippets, setup_snippets, size_text, upload_time_text
+from .ui_model import (
+    Asset,
+    Snippet,
+    install_snippets,
+    setup_snippets,
+    size_text,
+    upload_time_text,
+)
 from .ui_model import search as search_names
 from .web_simple import view_of
 
@@ -264,7 +271,8 @@ async def project(request: web.Request) -> web.StreamResponse:
     install: tuple[Snippet, ...] = ()
     if current is not None:
         index_url = f"{_base_url(request, config)}/{prefix}simple/"
-        install = install_snippets(name, current.version, index_url)
+        install = install_snippets(name, current.version, index_url,
+                                   not config.auth.anonymous_read)
     return await _page(request, "project.html", {
         "title": f"{name} - indexguard", "name": name, "group": view.name, "prefix": prefix,
         "why": found.why, "source": found.source, "description": found.description,

@@ -31,6 +31,13 @@ from tests.faults.helpers import (
     upload,
 )
 from tests.support.artifacts import build_wheel, sha256_file
+from tests.support.clients import (
+    installed_version,
+    pip_download,
+    twine_upload,
+    uv_install,
+    uv_venv,
+)
 from tests.support.forms import multipart, upload_fields
 from tests.support.server import DELETE, ProxyServer
 from tests.support.upstream import FakeUpstream
@@ -418,6 +425,40 @@ def test_a_token_sees_only_the_groups_it_may_read(
     assert call(proxy.url + "/search?q=secret", headers=ml_only).status == 403
     found = call(proxy.url + "/g/ml/search?q=secret", headers=ml_only)
     assert found.status == 200 and b"secret-thing" not in found.body
+
+
+def _snippets(html_text: str) -> dict[str, str]:
+    import html
+    import re
+
+    return {key: html.unescape(text) for key, text in
+            re.findall(r'<pre id="([a-z-]+)"><code>(.*?)</code></pre>', html_text, re.S)}
+
+
+def test_the_snippets_work_as_copied_with_twine_and_pip(
+    make_proxy: MakeProxy, upstream: FakeUpstream, tmp_path: Path,
+) -> None:
+    """What the landing and a project page give to copy, with the token filled in,
+    publishes with twine and installs with pip and uv (reading needs a token)."""
+    proxy = make_proxy(private_auth_config(upstream.url))
+    as_reader = {"Accept": "text/html", "Authorization": basic(READER, READER_SECRET)}
+    setup = _snippets(call(proxy.url + "/", headers=as_reader).body.decode())
+    assert setup["pip-env"].startswith("export PIP_INDEX_URL=http://__token__:<token>@")
+    repository = next(line.split(" = ", 1)[1] for line in setup["pypirc"].splitlines()
+                      if line.startswith("repository = "))
+    wheel = build_wheel(tmp_path / "w", "acme-lib", "1.0")
+    published = twine_upload(repository, [wheel], "__token__", PRIVATE_WRITER_SECRET)
+    assert published.returncode == 0, published.stderr
+    index_url = setup["pip-env"].strip().split("=", 1)[1].replace("<token>", READER_SECRET)
+    got = pip_download(index_url, tmp_path / "pip", "acme-lib")
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "pip" / wheel.name).read_bytes() == wheel.read_bytes()
+    install = _snippets(call(proxy.url + "/project/acme-lib/", headers=as_reader).body.decode())
+    argv = install["install-uv"].replace("<token>", READER_SECRET).split()
+    assert argv[:4] == ["uv", "pip", "install", "--index-url"] and argv[5] == "acme-lib==1.0"
+    venv = uv_venv(tmp_path / "venv")
+    assert uv_install(argv[4], venv, argv[5]).returncode == 0
+    assert installed_version(tmp_path / "venv", "acme-lib") == "1.0"
 
 
 def test_static_files_are_open_immutable_and_named_by_their_hash(
