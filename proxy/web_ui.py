@@ -69,7 +69,7 @@ async def setup(app: web.Application) -> None:
     read once, off the loop."""
     aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(str(_HERE / "templates")), autoescape=True,
-        undefined=jinja2.StrictUndefined,
+        undefined=jinja2.StrictUndefined, auto_reload=False,
     )
     app[UI_ASSETS] = await asyncio.to_thread(_read_assets, _HERE / "static")
     app[CATALOG] = Catalog(app[READER], Renderings())
