@@ -323,6 +323,7 @@ def test_the_project_page_says_why_a_name_resolves_where_it_does(
     upstream.add(build_wheel(tmp_path / "p", "six", "1.16.0"))
     assert call(proxy.url + "/simple/torch/").status == 200
     assert call(proxy.url + "/simple/six/").status == 200
+    assert call(proxy.url + "/files/torch/torch-2.5.0-py3-none-any.whl").status == 200
     wheel = build_wheel(tmp_path / "m", "ml-kit", "1.0")
     content = wheel.read_bytes()
     body, ctype = multipart(upload_fields("ml-kit", "1.0", content), (wheel.name, content))
@@ -346,6 +347,10 @@ def test_the_project_page_says_why_a_name_resolves_where_it_does(
     # The page of the routed name lists only the answering upstream's files.
     torch_page = call(proxy.url + "/project/torch/").body.decode()
     assert "torch-2.5.0-py3-none-any.whl" in torch_page and "9.9.9" not in torch_page
+    # Which files the proxy holds: the one fetched, not the other.
+    assert "<th>Cached</th>" in torch_page and "<td>yes</td>" in torch_page
+    six_page = call(proxy.url + "/project/six/").body.decode()
+    assert "<td>no</td>" in six_page and "<td>yes</td>" not in six_page
     # None of that asked an upstream anything.
     assert upstream.requests == [] and torch_upstream.requests == []
     # The landing lists the GitLab URLs this server answers.
