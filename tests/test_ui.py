@@ -9,10 +9,13 @@ tested in process at the end.
 from __future__ import annotations
 
 import hashlib
+import html
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -111,8 +114,6 @@ def _publish(proxy: ProxyServer, tmp: Path, name: str, version: str, **kwargs: A
 
 
 def _yank(proxy: ProxyServer, name: str, version: str, reason: str) -> None:
-    from urllib.parse import quote
-
     answer = call(f"{proxy.url}/-/yank/{name}/{version}?reason={quote(reason)}", "POST",
                   headers={"Authorization": basic(ADMIN, ADMIN_SECRET)})
     assert answer.status == 200, answer.body
@@ -304,8 +305,6 @@ def torch_upstream() -> Iterator[FakeUpstream]:
 
 
 def _why(proxy: ProxyServer, path: str) -> tuple[int, str]:
-    import re
-
     answer = call(proxy.url + path, headers={"Accept": "text/html"})
     found = re.search(r'<p class="why[^"]*"><strong>[^<]*</strong> ([^<]*)</p>',
                       answer.body.decode())
@@ -433,9 +432,6 @@ def test_a_token_sees_only_the_groups_it_may_read(
 
 
 def _snippets(html_text: str) -> dict[str, str]:
-    import html
-    import re
-
     return {key: html.unescape(text) for key, text in
             re.findall(r'<pre id="([a-z-]+)"><code>(.*?)</code></pre>', html_text, re.S)}
 
@@ -471,8 +467,6 @@ def test_static_files_are_open_immutable_and_named_by_their_hash(
 ) -> None:
     """CSS and script carry nothing private: served without credentials even when
     reading needs them, kept a year, revalidated by ETag; nothing else is served."""
-    import re
-
     proxy = make_proxy(private_auth_config(upstream.url))
     page = call(proxy.url + "/", headers={
         "Accept": "text/html", "Authorization": basic(READER, READER_SECRET)}).body.decode()
@@ -493,7 +487,7 @@ def test_static_files_are_open_immutable_and_named_by_their_hash(
 
 # --- pure parts, in process -----------------------------------------------------------
 
-@pytest.mark.parametrize(("accept", "html"), [
+@pytest.mark.parametrize(("accept", "is_html"), [
     ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", True),
     ("text/html", True),
     ("application/xhtml+xml", True),
@@ -504,8 +498,8 @@ def test_static_files_are_open_immutable_and_named_by_their_hash(
     ("application/vnd.pypi.simple.v1+json", False),
     ("text/html;q=bogus", False),
 ])
-def test_only_browsers_get_the_html_landing(accept: str | None, html: bool) -> None:
-    assert ui_model.wants_html(accept) is html
+def test_only_browsers_get_the_html_landing(accept: str | None, is_html: bool) -> None:
+    assert ui_model.wants_html(accept) is is_html
 
 
 def test_search_is_normalized_like_names_prefix_first() -> None:
