@@ -226,6 +226,28 @@ def test_project_page_versions_yank_description_sha256_and_copy(
     context.close()
 
 
+def test_every_page_works_without_javascript(
+    make_proxy: MakeProxy, upstream: FakeUpstream, browser: Any, tmp_path: Path,
+) -> None:
+    """Search is a plain form, pages are plain HTML; only the copy buttons need the
+    script, and without it they are not shown at all."""
+    proxy = _proxy(make_proxy, upstream)
+    _publish(proxy, tmp_path, "acme-lib", "1.0")
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    page.goto(proxy.url + "/")
+    assert page.locator("pre#pip-conf").is_visible()
+    assert page.locator("button[data-copy]").count() == 6
+    assert not page.locator("button[data-copy]").first.is_visible()
+    page.fill("form.big input[name=q]", "lib")
+    page.click("form.big button")
+    page.click("ul.results a")
+    assert page.url == proxy.url + "/project/acme-lib/"
+    assert page.locator(".release h3").all_inner_texts() == ["1.0"]
+    assert not page.locator("button.copy").first.is_visible()
+    context.close()
+
+
 def test_a_reader_token_does_not_see_the_guard_page(
     make_proxy: MakeProxy, upstream: FakeUpstream, browser: Any, tmp_path: Path,
 ) -> None:
