@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__, web_admin, web_oidc, web_ops, web_simple, web_upload
+from . import __version__, web_admin, web_oidc, web_ops, web_simple, web_ui, web_upload
 from .auth import ANONYMOUS, OPEN_SCOPES, Authenticator, client_address
 from .cache import ArtifactCache
 from .config import Config, ConfigError, load_config
@@ -48,6 +48,7 @@ from .state import (
 )
 from .store import PrivateStore
 from .trust import TrustedPublishing
+from .ui_model import wants_html
 from .upstream import UpstreamClient
 from .upstream_names import UpstreamNames
 
@@ -112,7 +113,14 @@ def _routes(app: web.Application) -> None:
         add("GET", f"{base}/simple/{{project}}", web_simple.project_no_slash, "read")
         add("GET", f"{base}/files/{{key}}/{{filename}}", web_simple.gitlab_file, "read")
     add("POST", "/api/v4/projects/{gl_project}/packages/pypi", web_upload.upload, "write")
-    add("GET", "/", web_ops.landing, None)
+    add("GET", "/", _landing, None)
+    # The web UI, for people: read like the simple API; the guard page for admins.
+    for prefix in ("", "/g/{group}"):
+        add("GET", f"{prefix}/project/{{project}}/", web_ui.project, "read")
+        add("GET", f"{prefix}/project/{{project}}", web_ui.project_no_slash, "read")
+        add("GET", f"{prefix}/search", web_ui.search, "read")
+    add("GET", "/guard/", web_ui.guard, "admin")
+    add("GET", "/-/static/{asset}", web_ui.asset, None)
     add("GET", "/-/health", web_ops.health, None)
     # It names private and reserved projects: as open as reading, or a metrics token.
     add("GET", "/metrics", web_ops.metrics, "metrics")
@@ -130,6 +138,17 @@ def _routes(app: web.Application) -> None:
     # Last: whatever no route above takes, so that it is counted and answered
     # like the rest (404 or 405 with a reason), not by aiohttp's defaults.
     app.router.add_route("*", "/{tail:.*}", edge(_unmatched, "unmatched", None))
+
+
+async def _landing(request: web.Request) -> web.StreamResponse:
+    """GET /: a browser (its Accept names text/html) gets the web UI, authorized as
+    a read (so a browser's Basic-auth prompt works); any other client today's line.
+    Only this route negotiates: /simple/ pays nothing for it."""
+    if not wants_html(request.headers.get("Accept")):
+        return await web_ops.landing(request)
+    if not _open_to_anonymous(request, "read"):
+        await _authorize(request, "read")
+    return await web_ui.landing(request)
 
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:
@@ -423,5 +442,6 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
 
     app.cleanup_ctx.append(resources)
     app.on_startup.append(_on_startup)
+    await web_ui.setup(app)
     _routes(app)
     return app

@@ -8,12 +8,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from .auth import Authenticator, Identity
+from .catalog import Catalog
 from .config import Config
 from .metrics import Metrics
 from .publish import Publisher
 from .reader import Reader
 from .store import PrivateStore
 from .trust import TrustedPublishing
+from .ui_model import Asset
 
 
 class LiveConfig:
@@ -33,3 +35,6 @@ READER = web.AppKey("reader", Reader)
 PUBLISHERS = web.AppKey("publishers", dict[str, Publisher])
 AUTH = web.AppKey("auth", Authenticator)
 TRUST = web.AppKey("trust", TrustedPublishing)
+# The web UI (web_ui.py): what it shows, and its CSS and JS read at start.
+CATALOG = web.AppKey("catalog", Catalog)
+UI_ASSETS = web.AppKey("ui_assets", dict[str, Asset])

@@ -35,4 +35,6 @@ async def landing(request: web.Request) -> web.Response:
     return web.Response(
         text=f"indexguard {__version__}: the package index is at simple/\n",
         content_type="text/plain",
+        # GET / answers browsers with the web UI (app._landing): caches must ask again.
+        headers={"Vary": "Accept"},
     )

@@ -8,16 +8,16 @@ from pathlib import Path
 PROXY = Path(__file__).resolve().parents[1] / "proxy"
 # Top to bottom, the way a request travels; a module may import only later ones.
 ORDER = [
-    "__main__", "cli", "app", "web_simple", "web_upload", "web_admin", "web_ops", "web_oidc",
-    "state",
-    "logs", "reader", "mirror", "page_memory", "answers", "publish", "guard", "resolve",
+    "__main__", "cli", "app", "web_ui", "web_simple", "web_upload", "web_admin", "web_ops",
+    "web_oidc", "state", "logs", "catalog", "ui_model", "description", "reader", "mirror",
+    "page_memory", "answers", "publish", "guard", "resolve",
     "upstream_names", "auth", "trust", "jwks", "replay", "minted", "oidc", "login_limit",
     "cache", "pagecache", "follow", "sink",
     "download", "upstream", "metrics", "store", "generation", "hashlock", "fsutil", "config",
     "registry", "patterns", "simple_api", "distcheck", "dists", "model", "errors",
 ]
-WEB_ALLOWED = {"cli", "app", "state", "logs", "web_simple", "web_upload", "web_admin", "web_ops",
-               "web_oidc"}
+WEB_ALLOWED = {"cli", "app", "state", "logs", "web_ui", "web_simple", "web_upload", "web_admin",
+               "web_ops", "web_oidc"}
 
 
 def _runtime_nodes(node: ast.AST) -> list[ast.AST]:

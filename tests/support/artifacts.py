@@ -43,6 +43,8 @@ def _metadata_text(
     metadata_version: str,
     requires_python: str | None,
     requires_dist: Sequence[str],
+    description: str | None = None,
+    description_content_type: str | None = None,
 ) -> str:
     lines = [
         f"Metadata-Version: {metadata_version}",
@@ -53,7 +55,10 @@ def _metadata_text(
     if requires_python is not None:
         lines.append(f"Requires-Python: {requires_python}")
     lines.extend(f"Requires-Dist: {req}" for req in requires_dist)
-    return "\n".join(lines) + "\n\n"
+    if description_content_type is not None:
+        lines.append(f"Description-Content-Type: {description_content_type}")
+    # Metadata 2.1: the description is the message body.
+    return "\n".join(lines) + "\n\n" + (description or "")
 
 
 def build_wheel(
@@ -66,6 +71,8 @@ def build_wheel(
     requires_dist: Sequence[str] = (),
     extra_bytes: int = 0,
     module_text: str | None = None,
+    description: str | None = None,
+    description_content_type: str | None = None,
 ) -> Path:
     """Write a pure-python py3-none-any wheel into dest and return its path."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -79,7 +86,8 @@ def build_wheel(
     if extra_bytes > 0:
         # Random bytes so deflate cannot shrink them: the wheel really is big.
         members.append((f"{pkg}/blob.bin", os.urandom(extra_bytes)))
-    meta = _metadata_text(name, version, metadata_version, requires_python, requires_dist)
+    meta = _metadata_text(name, version, metadata_version, requires_python, requires_dist,
+                          description, description_content_type)
     members.append((f"{dist_info}/METADATA", meta.encode()))
     wheel_text = (
         f"Wheel-Version: 1.0\nGenerator: {_GENERATOR}\nRoot-Is-Purelib: true\nTag: py3-none-any\n\n"
