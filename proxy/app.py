@@ -26,7 +26,7 @@ from .errors import NotFound, ProxyError, Unauthorized, UpstreamUnavailable
 from .guard import CollisionLedger
 from .jwks import KeySets
 from .login_limit import FailureLimit
-from .logs import TOKEN_NAME
+from .logs import CLIENT, TOKEN_NAME
 from .metrics import FLUSH_INTERVAL, Metrics
 from .mirror import Mirror
 from .page_memory import PageMemory
@@ -185,6 +185,11 @@ def edge(handler: Handler, label: str, scope: str | None) -> Handler:
         started = time.monotonic()
         status = 500
         life.active += 1
+        if "X-Forwarded-For" in request.headers:
+            # Logs and the failed-login limit name the client, not our own balancer.
+            request[CLIENT] = client_address(
+                request.remote, request.headers["X-Forwarded-For"],
+                app[CONFIG].current.listen.trusted_proxies)
         try:
             try:
                 if scope is not None and not _open_to_anonymous(request, scope):
@@ -229,8 +234,7 @@ def _open_to_anonymous(request: web.Request, scope: str) -> bool:
 
 async def _authorize(request: web.Request, scope: str, any_user: bool = False) -> None:
     config = request.app[CONFIG].current
-    client = client_address(request.remote, request.headers.get("X-Forwarded-For"),
-                            config.listen.trusted_proxies)
+    client = request.get(CLIENT) or request.remote or "-"
     try:
         identity = await request.app[AUTH].identify(
             request.headers.get("Authorization"), config.auth, client, any_user=any_user)

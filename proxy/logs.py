@@ -22,6 +22,8 @@ from aiohttp.web import BaseRequest, RequestKey, StreamResponse
 # What handlers tell the access line: where the answer came from, who asked.
 CACHE_OUTCOME = RequestKey("cache_outcome", str)
 TOKEN_NAME = RequestKey("token_name", str)
+# The client behind a trusted proxy (X-Forwarded-For), when it is not the peer.
+CLIENT = RequestKey("client", str)
 
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
@@ -98,7 +100,7 @@ class AccessLogger(AbstractAccessLogger):
             "msg": "request", "method": request.method, "path": request.path,
             "status": response.status, "bytes": response.body_length,
             "duration_ms": round(time * 1000, 3), "cache": request.get(CACHE_OUTCOME, "-"),
-            "client": request.remote, "token": request.get(TOKEN_NAME),
+            "client": request.get(CLIENT) or request.remote, "token": request.get(TOKEN_NAME),
         }, default=str) + b"\n"
         if self._size + len(line) > self._limit:
             self.flush()

@@ -13,9 +13,9 @@ import logging
 
 from aiohttp import web
 
-from .auth import client_address
 from .errors import RequestTimeout, ServiceUnavailable
 from .jwks import IssuerUnavailable
+from .logs import CLIENT
 from .oidc import Refusal, error_body
 from .state import CONFIG, METRICS, TRUST
 
@@ -66,8 +66,7 @@ async def _token_of(request: web.Request, idle: float) -> str:
 async def mint_token(request: web.Request) -> web.Response:
     config = request.app[CONFIG].current
     metrics = request.app[METRICS]
-    client = client_address(request.remote, request.headers.get("X-Forwarded-For"),
-                            config.listen.trusted_proxies)
+    client = request.get(CLIENT) or request.remote or "-"
     try:
         token = await _token_of(request, config.limits.idle_timeout)
         upload_token, grant = await request.app[TRUST].mint(token, config.auth)

@@ -20,7 +20,7 @@ from .config import Config
 from .dists import METADATA_SUFFIX, guess_project, is_safe_filename, name_from_url
 from .download import Download, FileSpan
 from .errors import Forbidden, NotFound, ProxyError, quoted
-from .logs import CACHE_OUTCOME
+from .logs import CACHE_OUTCOME, CLIENT
 from .metrics import Metrics
 from .model import is_sha256
 from .reader import View
@@ -54,7 +54,7 @@ _BYTE_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 
 
 def _client(request: web.Request) -> str:
-    return request.remote or "-"
+    return request.get(CLIENT) or request.remote or "-"
 
 
 def _etag_matches(request: web.Request, etags: tuple[str, ...]) -> bool:

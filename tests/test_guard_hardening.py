@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import re
@@ -317,6 +318,38 @@ def test_forwarded_for_names_the_client_only_behind_a_trusted_proxy(
     rotating = [call(url, headers={"Authorization": bad, "X-Forwarded-For": f"10.1.0.{i}"},
                      source="127.0.0.3").status for i in range(21)]
     assert rotating == [401] * 20 + [429]
+
+
+def test_logs_name_the_forwarded_client_only_behind_a_trusted_proxy(
+    make_proxy: MakeProxy, upstream: FakeUpstream,
+) -> None:
+    """Behind a balancer every peer is the balancer: the access log and the guard's
+    decision lines must name the client it forwarded for, and only a trusted
+    balancer may say who that is."""
+    config = auth_config(upstream.url, listen={"trusted_proxies": ["127.0.0.2/32"]},
+                         guard={"private_only": ["acme-*"]})
+    config["auth"]["anonymous_read"] = True
+    proxy = make_proxy(config)
+    url = proxy.url + "/simple/acme-secret/"
+    assert call(url, headers={"X-Forwarded-For": "198.51.100.7"}, source="127.0.0.2").status == 404
+    assert call(url, headers={"X-Forwarded-For": "198.51.100.8"}, source="127.0.0.3").status == 404
+
+    def lines(client: str) -> list[dict[str, Any]]:
+        out = []
+        for line in proxy.log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                about_it = "rule" in entry or str(entry.get("path")).endswith("/acme-secret/")
+                if entry.get("client") == client and about_it:
+                    out.append(entry)
+        return out
+
+    assert eventually(lambda: len(lines("198.51.100.7")) >= 2), proxy.log_tail()
+    trusted = lines("198.51.100.7")
+    assert {e["msg"] for e in trusted} >= {"request"} and any("rule" in e for e in trusted)
+    # From a peer that is no trusted proxy the header is ignored: the peer is named.
+    assert lines("198.51.100.8") == []
+    assert eventually(lambda: any(e["msg"] == "request" for e in lines("127.0.0.3")))
 
 
 def test_the_failed_login_limit_is_one_limit_across_workers(
