@@ -15,15 +15,26 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from types import ModuleType
 
-import readme_renderer.rst
-import readme_renderer.txt
 
-with warnings.catch_warnings():
-    # Without readme-renderer's [md] extra (comrak) it warns here and renders
-    # nothing: Markdown then shows as plain text, with a note saying so.
-    warnings.simplefilter("ignore", UserWarning)
-    import readme_renderer.markdown
+def _renderers() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """readme_renderer's markdown, rst and txt modules, imported on first use.
+
+    They pull in docutils, Pygments and comrak: about 10 MiB in every worker
+    that never renders a description (measured with ru_maxrss). Only a UI page
+    view renders one, in a thread; a second import is a dictionary lookup.
+    """
+    import readme_renderer.rst
+    import readme_renderer.txt
+
+    with warnings.catch_warnings():
+        # Without readme-renderer's [md] extra (comrak) it warns here and renders
+        # nothing: Markdown then shows as plain text, with a note saying so.
+        warnings.simplefilter("ignore", UserWarning)
+        import readme_renderer.markdown
+    return readme_renderer.markdown, readme_renderer.rst, readme_renderer.txt
+
 
 # A METADATA file is at most 16 MiB (publish.py); rendering that much Markdown
 # would hold a thread for seconds. PyPI's own descriptions are far smaller.
@@ -53,6 +64,7 @@ def render(text: str, content_type: str | None) -> Description:
     Markdown (its `variant` parameter: GFM or CommonMark), text/plain and anything
     else plain text; what fails to render (rst errors, `raw` directives) falls back
     to plain text. Every path goes through readme_renderer's sanitizer."""
+    markdown, rst, txt = _renderers()
     media, params = _content_type(content_type)
     media = media or "text/x-rst"
     rendered: str | None
@@ -60,9 +72,9 @@ def render(text: str, content_type: str | None) -> Description:
         variant = params.get("variant", "GFM")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            rendered = readme_renderer.markdown.render(text, variant=variant)
+            rendered = markdown.render(text, variant=variant)
     elif media == "text/x-rst":
-        rendered = readme_renderer.rst.render(text)
+        rendered = rst.render(text)
     else:
         media = "text/plain"
         rendered = None
@@ -70,7 +82,7 @@ def render(text: str, content_type: str | None) -> Description:
     if rendered is None:
         if media != "text/plain":
             note = f"shown as plain text: it does not render as {media}"
-        rendered = readme_renderer.txt.render(text) or ""
+        rendered = txt.render(text) or ""
         media = "text/plain"
     return Description(rendered, media, note)
 
