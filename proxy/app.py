@@ -34,6 +34,7 @@ from .publish import Publisher
 from .reader import Reader
 from .registry import LEGACY_INDEX, UpstreamSpec
 from .state import AUTH, CONFIG, IDENTITY, METRICS, PUBLISHERS, READER, STORES, LiveConfig
+from .storage_local import LocalRecords
 from .store import PrivateStore
 from .upstream import UpstreamClient
 from .upstream_names import UpstreamNames
@@ -266,6 +267,7 @@ def _reload(app: web.Application) -> None:
         "listen.max_connections": (old.listen.max_connections, new.listen.max_connections),
         "data_dir": (old.data_dir, new.data_dir),
         "workers": (old.workers, new.workers),
+        "storage": (old.storage, new.storage),
         "cache.max_bytes": (old.cache.max_bytes, new.cache.max_bytes),
         "cache.memory_pages": (old.cache.memory_pages, new.cache.memory_pages),
         "log.access_log": (old.log.access_log, new.log.access_log),
@@ -319,11 +321,13 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         [u.name for u in registry.upstreams],
         [g.name for g in registry.groups] + [f"index:{i.name}" for i in registry.indexes],
     )
-    stores = {spec.name: PrivateStore(store_root(data, spec.name), data / "tmp")
-              for spec in registry.indexes}
+    local_records = {spec.name: LocalRecords(store_root(data, spec.name), data / "tmp")
+                     for spec in registry.indexes}
+    stores = {name: PrivateStore(records, data / "tmp", absence_ttl=float("inf"))
+              for name, records in local_records.items()}
     swept = 0
-    for store in stores.values():
-        swept += await asyncio.to_thread(store.open)
+    for records in local_records.values():
+        swept += await asyncio.to_thread(records.open)
     artifacts = ArtifactCache(data / "cache" / "files", data / "tmp", config.cache.max_bytes,
                               metrics)
     await asyncio.to_thread(artifacts.open)
@@ -384,8 +388,8 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
             await mirror.client.close()
         await reader.flush()
         await asyncio.to_thread(pages.close)
-        for store in stores.values():
-            store.close()
+        for records in local_records.values():
+            records.close()
         await asyncio.to_thread(failures.close)
         metrics.flush()
 

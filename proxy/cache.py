@@ -30,7 +30,7 @@ from .config import redact_url
 from .download import CHUNK, Download
 from .errors import InsufficientStorage, NotFound, ProxyError, UpstreamUnavailable
 from .follow import follow
-from .fsutil import commit, temp_path
+from .fsutil import commit, open_sized, temp_path
 from .hashlock import HashLocks
 from .metrics import Metrics
 from .model import is_sha256
@@ -452,16 +452,6 @@ def _check_size(dl: Download, size: int | None) -> None:
         raise UpstreamUnavailable(
             f"Upstream file is over the {dl.limit} bytes the proxy takes for it; refused"
         )
-
-
-def open_sized(path: Path) -> tuple[IO[bytes], int]:
-    """A file opened for reading (unbuffered, for sendfile) and its size."""
-    fh = open(path, "rb", buffering=0)  # noqa: SIM115 - the reader closes it
-    try:
-        return fh, os.fstat(fh.fileno()).st_size
-    except OSError:
-        fh.close()
-        raise
 
 
 def _size_of(path: Path) -> int | None:

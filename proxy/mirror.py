@@ -20,7 +20,7 @@ from typing import Any
 from packaging.utils import NormalizedName
 from yarl import URL
 
-from .answers import LocalFile, Prerendered, RemoteFile, render_page, visible
+from .answers import Prerendered, RemoteFile, render_page, visible
 from .cache import ArtifactCache
 from .config import Config
 from .dists import METADATA_SUFFIX
@@ -34,6 +34,7 @@ from .pagecache import CachedPage, PageCache
 from .registry import UpstreamSpec
 from .simple_api import Format, PageParseError, upstream_page_url
 from .simple_api import parse_page as parse_any_page
+from .storage import LocalFile, StoredFile
 from .upstream import UpstreamClient, refusal
 
 log = logging.getLogger("indexguard.index")
@@ -282,7 +283,7 @@ class Mirror:
 
     async def file(
         self, name: NormalizedName, filename: str, entry: FileEntry, config: Config,
-    ) -> LocalFile | RemoteFile:
+    ) -> StoredFile | RemoteFile:
         """Where the bytes of a file listed on this upstream's page come from.
         Raises NotFound (no valid sha256), UpstreamUnavailable (a refused URL)."""
         is_meta = filename.endswith(METADATA_SUFFIX)
