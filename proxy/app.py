@@ -23,6 +23,7 @@ from .auth import ANONYMOUS, OPEN_SCOPES, Authenticator, client_address
 from .cache import ArtifactCache
 from .config import Config, ConfigError, load_config
 from .errors import NotFound, ProxyError, Unauthorized, UpstreamUnavailable
+from .fsutil import sweep_temp
 from .guard import CollisionLedger
 from .login_limit import FailureLimit
 from .logs import TOKEN_NAME
@@ -34,7 +35,17 @@ from .publish import Publisher
 from .reader import Reader
 from .registry import LEGACY_INDEX, UpstreamSpec
 from .state import AUTH, CONFIG, IDENTITY, METRICS, PUBLISHERS, READER, STORES, LiveConfig
+from .storage import LocalFile
 from .storage_local import LocalRecords
+from .storage_s3 import (
+    ABSENCE_TTL,
+    Bucket,
+    ChangeFeed,
+    S3Records,
+    SharedArtifacts,
+    probe,
+    run_sweeps,
+)
 from .store import PrivateStore
 from .upstream import UpstreamClient
 from .upstream_names import UpstreamNames
@@ -313,6 +324,82 @@ def _mirror(
                   name=name, prefix=prefix, settings=settings)
 
 
+class Storage:
+    """What create_app opened for storage.backend: the private stores and the
+    artifact cache over it, and the background work of a shared bucket."""
+
+    def __init__(self, artifacts: ArtifactCache, stores: dict[str, PrivateStore], swept: int,
+                 ) -> None:
+        self.artifacts = artifacts
+        self.stores = stores
+        self.swept = swept
+        self.local: list[LocalRecords] = []
+        self.bucket: Bucket | None = None
+        self.feed: ChangeFeed | None = None
+        self._sweeps: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.feed is not None and self.bucket is not None:
+            self.feed.start()
+            self._sweeps = asyncio.create_task(run_sweeps(self.bucket, list(self.stores)))
+
+    async def stop(self) -> None:
+        if self._sweeps is not None:
+            self._sweeps.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeps
+        if self.feed is not None:
+            await self.feed.stop()
+
+    async def close(self) -> None:
+        for records in self.local:
+            records.close()
+        if self.bucket is not None:
+            await self.bucket.close()
+
+
+async def _open_storage(config: Config, metrics: Metrics) -> Storage:
+    """The stores and the artifact cache of storage.backend. Raises StoreRefused
+    (S3: unreachable, or a store that ignores conditional writes)."""
+    data = config.data_dir
+    names = [spec.name for spec in config.registry.indexes]
+    if config.storage.backend != "s3":
+        artifacts = ArtifactCache(data / "cache" / "files", data / "tmp",
+                                  config.cache.max_bytes, metrics)
+        await asyncio.to_thread(artifacts.open)
+        local = [LocalRecords(store_root(data, name), data / "tmp") for name in names]
+        swept = 0
+        for records in local:
+            swept += await asyncio.to_thread(records.open)
+        stores = {name: PrivateStore(records, data / "tmp", absence_ttl=float("inf"))
+                  for name, records in zip(names, local, strict=True)}
+        storage = Storage(artifacts, stores, swept)
+        storage.local = local
+        return storage
+    bucket = Bucket(config.storage.s3)
+    await bucket.open()
+    try:
+        await probe(bucket)
+    except BaseException:
+        await bucket.close()
+        raise
+    artifacts = ArtifactCache(data / "cache" / "files", data / "tmp", config.cache.max_bytes,
+                              metrics, SharedArtifacts(bucket))
+    await asyncio.to_thread(artifacts.open)
+    swept = await asyncio.to_thread(sweep_temp, data / "tmp")
+    feed = ChangeFeed(bucket)
+
+    async def open_blob(sha256: str) -> LocalFile | None:
+        opened = await artifacts.open_cached(sha256, "blobs")
+        return None if opened is None else LocalFile(opened[0], opened[1], "private", sha256)
+
+    stores = {name: PrivateStore(S3Records(bucket, name, feed, open_blob), data / "tmp",
+                                 absence_ttl=ABSENCE_TTL) for name in names}
+    storage = Storage(artifacts, stores, swept)
+    storage.bucket, storage.feed = bucket, feed
+    return storage
+
+
 async def create_app(config: Config, config_path: str | None = None) -> web.Application:
     """Open the stores (off the loop) and assemble the application."""
     data = config.data_dir
@@ -321,16 +408,8 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         [u.name for u in registry.upstreams],
         [g.name for g in registry.groups] + [f"index:{i.name}" for i in registry.indexes],
     )
-    local_records = {spec.name: LocalRecords(store_root(data, spec.name), data / "tmp")
-                     for spec in registry.indexes}
-    stores = {name: PrivateStore(records, data / "tmp", absence_ttl=float("inf"))
-              for name, records in local_records.items()}
-    swept = 0
-    for records in local_records.values():
-        swept += await asyncio.to_thread(records.open)
-    artifacts = ArtifactCache(data / "cache" / "files", data / "tmp", config.cache.max_bytes,
-                              metrics)
-    await asyncio.to_thread(artifacts.open)
+    storage = await _open_storage(config, metrics)
+    artifacts, stores = storage.artifacts, storage.stores
     pages = await asyncio.to_thread(PageCache, data / "cache" / "pages")
     live = LiveConfig(config, config_path)
     names = UpstreamNames(data / "cache" / "upstream-names", data / "tmp", metrics,
@@ -349,8 +428,8 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     reader = Reader(stores, mirrors, memory, ledger, metrics, keep_renders)
     publishers = {name: Publisher(store, metrics, reader.upstream_has)
                   for name, store in stores.items()}
-    if swept:
-        log.info("removed temp files left by an earlier crash", extra={"count": swept})
+    if storage.swept:
+        log.info("removed temp files left by an earlier crash", extra={"count": storage.swept})
 
     app = web.Application(client_max_size=1024**2)
     app[CONFIG] = live
@@ -373,8 +452,13 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
             await mirror.client.start()
         await names.start()
         flusher = asyncio.create_task(flush_metrics())
+        # After start: a large cache never delays the first answer.
+        scan = asyncio.create_task(artifacts.scan())
+        storage.start()
         yield
         flusher.cancel()
+        scan.cancel()
+        await storage.stop()
         # Cache fills whose clients have gone get what is left of the shutdown
         # grace (at most 10 s); one cut off just leaves nothing in the cache.
         budget = 10.0
@@ -388,8 +472,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
             await mirror.client.close()
         await reader.flush()
         await asyncio.to_thread(pages.close)
-        for records in local_records.values():
-            records.close()
+        await storage.close()
         await asyncio.to_thread(failures.close)
         metrics.flush()
 

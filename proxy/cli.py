@@ -34,6 +34,7 @@ from .auth import hash_secret, new_secret
 from .config import SCOPES, Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
 from .metrics import MULTIPROC_ENV
+from .storage_s3 import StoreRefused
 
 log = logging.getLogger("indexguard")
 EXIT_CONFIG = 2
@@ -137,6 +138,9 @@ def _run_worker(config: Config, path: str | None, reuse_port: bool) -> int:
     except CannotListen as exc:
         print(exc, file=sys.stderr)
         return 1
+    except StoreRefused as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

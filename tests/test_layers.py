@@ -11,8 +11,8 @@ ORDER = [
     "__main__", "cli", "app", "web_simple", "web_upload", "web_admin", "web_ops", "state",
     "logs", "reader", "mirror", "page_memory", "answers", "publish", "guard", "resolve",
     "upstream_names", "auth", "login_limit", "cache", "pagecache", "follow", "sink",
-    "download", "upstream", "metrics", "store", "storage_local", "storage", "generation",
-    "hashlock", "fsutil", "config",
+    "download", "upstream", "metrics", "store", "storage_local", "storage_s3", "storage",
+    "generation", "hashlock", "fsutil", "config",
     "registry", "patterns", "simple_api", "distcheck", "dists", "model", "errors",
 ]
 WEB_ALLOWED = {"cli", "app", "state", "logs", "web_simple", "web_upload", "web_admin", "web_ops"}
