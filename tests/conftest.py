@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tests.support.s3 import Bucket, MotoServer  # noqa: E402
 from tests.support.server import ProxyServer  # noqa: E402
 from tests.support.upstream import FakeUpstream  # noqa: E402
 
@@ -61,3 +62,20 @@ def make_proxy(tmp_path: Path) -> Iterator[MakeProxy]:
     yield factory
     for server in reversed(servers):
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """moto's S3 server on loopback, shared by the session; tests take their own bucket."""
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server: MotoServer) -> Bucket:
+    """A new empty bucket on the session's moto server."""
+    return moto_server.bucket()
