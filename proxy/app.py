@@ -34,18 +34,11 @@ from .pagecache import PageCache
 from .publish import Publisher
 from .reader import Reader
 from .registry import LEGACY_INDEX, UpstreamSpec
+from .s3_bucket import Bucket, probe
 from .state import AUTH, CONFIG, IDENTITY, METRICS, PUBLISHERS, READER, STORES, LiveConfig
 from .storage import LocalFile
 from .storage_local import LocalRecords
-from .storage_s3 import (
-    ABSENCE_TTL,
-    Bucket,
-    ChangeFeed,
-    S3Records,
-    SharedArtifacts,
-    probe,
-    run_sweeps,
-)
+from .storage_s3 import ABSENCE_TTL, ChangeFeed, S3Records, SharedArtifacts, run_sweeps
 from .store import PrivateStore
 from .upstream import UpstreamClient
 from .upstream_names import UpstreamNames

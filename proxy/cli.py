@@ -34,7 +34,7 @@ from .auth import hash_secret, new_secret
 from .config import SCOPES, Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
 from .metrics import MULTIPROC_ENV
-from .storage_s3 import StoreRefused
+from .s3_bucket import StoreRefused
 
 log = logging.getLogger("indexguard")
 EXIT_CONFIG = 2

@@ -23,17 +23,10 @@ from proxy.config import S3
 from proxy.errors import BadRequest, FileExists, NotFound
 from proxy.metrics import Metrics
 from proxy.model import FileEntry
+from proxy.s3_bucket import Bucket, StoreRefused, probe
 from proxy.storage import LocalFile, StoredFile, StreamedFile
 from proxy.storage_local import LocalRecords
-from proxy.storage_s3 import (
-    ABSENCE_TTL,
-    Bucket,
-    ChangeFeed,
-    S3Records,
-    SharedArtifacts,
-    StoreRefused,
-    probe,
-)
+from proxy.storage_s3 import ABSENCE_TTL, ChangeFeed, S3Records, SharedArtifacts
 from proxy.store import PrivateStore
 from tests.support.s3 import CREDENTIALS, BlindFront, MotoServer
 
