@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from packaging.utils import NormalizedName
 
+from proxy import storage_s3
 from proxy.cache import ArtifactCache
 from proxy.config import S3
 from proxy.errors import BadRequest, FileExists, NotFound
@@ -240,3 +241,40 @@ async def test_a_store_that_ignores_conditional_writes_is_refused(
         finally:
             await bucket.close()
     assert bucket_info.keys("probe/") == []  # the scratch key is gone
+
+
+async def test_the_sweep_takes_only_old_unreferenced_blobs(
+    moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """A blob left by an upload that died before its commit goes, once older than
+    BLOB_GRACE; a listed file's blob stays, and so does a young orphan."""
+    bucket_info = moto_server.bucket()
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    bucket = Bucket(S3(bucket=bucket_info.name, endpoint_url=bucket_info.endpoint_url,
+                       region="us-east-1"))
+    await bucket.open()
+    try:
+        feed = ChangeFeed(bucket)
+
+        async def no_tier(_sha: str) -> LocalFile | None:
+            return None
+
+        host = Host(PrivateStore(S3Records(bucket, "default", feed, no_tier), tmp_path,
+                                 absence_ttl=ABSENCE_TTL), tmp_path, feed)
+        await host.add("acme_tool-1.0.tar.gz", b"listed")
+        orphan = hashlib.sha256(b"orphan").hexdigest()
+        bucket_info.client().put_object(Bucket=bucket_info.name, Key=f"blobs/{orphan}",
+                                        Body=b"orphan")
+        assert await storage_s3.sweep(bucket, ["default"]) == (0, 0)  # all young
+        monkeypatch.setattr(storage_s3, "BLOB_GRACE", -1.0)
+        monkeypatch.setattr(storage_s3, "FEED_KEEP", -1.0)
+        removed_blobs, removed_feed = await storage_s3.sweep(bucket, ["default"])
+        assert removed_blobs == 1 and removed_feed == 1
+        assert bucket_info.keys("blobs/") == [f"blobs/{hashlib.sha256(b'listed').hexdigest()}"]
+        page = await host.store.page(NAME)
+        assert page is not None
+        stored = await host.store.open_file(NAME, page.files[0].filename, page.files[0].sha256)
+        assert stored is not None and await _read(stored) == b"listed"
+    finally:
+        await bucket.close()
