@@ -223,6 +223,8 @@ class S3Records:
             if change.record is None:
                 return change.result
             for new in change.added:
+                if not is_sha256(new.sha256):  # a hash names a key: checked first
+                    raise ServiceUnavailable("A file to store has no valid sha256")
                 if new.sha256 not in stored:
                     await put_blob(self.bucket, new.sha256, new.content)
                     stored.add(new.sha256)
@@ -263,10 +265,10 @@ async def put_blob(bucket: Bucket, sha256: str, content: Path | bytes) -> None:
 
     async def put(conditional: bool) -> str | None:
         if isinstance(content, bytes):
-            return await bucket.put(key, content, if_none_match=conditional)
+            return await bucket.put(key, content, if_none_match=conditional, sha256=sha256)
         fh = await asyncio.to_thread(open, content, "rb")
         try:
-            return await bucket.put(key, fh, if_none_match=conditional)
+            return await bucket.put(key, fh, if_none_match=conditional, sha256=sha256)
         finally:
             await asyncio.to_thread(fh.close)
 
@@ -320,7 +322,8 @@ class SharedArtifacts:
         """Share a verified file (If-None-Match: *; already there is fine)."""
         fh = await asyncio.to_thread(open, path, "rb")
         try:
-            await self.bucket.put(self.bucket.key(kind, sha256), fh, if_none_match=True)
+            await self.bucket.put(self.bucket.key(kind, sha256), fh, if_none_match=True,
+                                  sha256=sha256)
         finally:
             await asyncio.to_thread(fh.close)
 
