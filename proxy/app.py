@@ -38,7 +38,7 @@ from .s3_bucket import Bucket, probe
 from .state import AUTH, CONFIG, IDENTITY, METRICS, PUBLISHERS, READER, STORES, LiveConfig
 from .storage import LocalFile
 from .storage_local import LocalRecords
-from .storage_s3 import ABSENCE_TTL, ChangeFeed, S3Records, SharedArtifacts, run_sweeps
+from .storage_s3 import ABSENCE_TTL, PAGE_TTL, ChangeFeed, S3Records, SharedArtifacts, run_sweeps
 from .store import PrivateStore
 from .upstream import UpstreamClient
 from .upstream_names import UpstreamNames
@@ -387,7 +387,7 @@ async def _open_storage(config: Config, metrics: Metrics) -> Storage:
         return None if opened is None else LocalFile(opened[0], opened[1], "private", sha256)
 
     stores = {name: PrivateStore(S3Records(bucket, name, feed, open_blob), data / "tmp",
-                                 absence_ttl=ABSENCE_TTL) for name in names}
+                                 absence_ttl=ABSENCE_TTL, page_ttl=PAGE_TTL) for name in names}
     storage = Storage(artifacts, stores, swept)
     storage.bucket, storage.feed = bucket, feed
     return storage

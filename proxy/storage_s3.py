@@ -51,6 +51,10 @@ ASK_TIMEOUT = 5.0
 # How long a replica trusts "not private" without asking the bucket again
 # (the feed tells it sooner when the name is committed elsewhere).
 ABSENCE_TTL = FEED_INTERVAL
+# How long a replica serves a private page it read without revalidating it
+# (a 304 is one small round trip): bounds staleness when a feed entry was lost
+# to a crash between a commit and its announcement.
+PAGE_TTL = 10.0
 # The sweep of unreferenced blobs and old feed entries, per replica.
 SWEEP_INTERVAL = 6 * 3600.0
 

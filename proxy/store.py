@@ -29,14 +29,20 @@ _KNOWN_NAMES = 100_000
 
 
 class PrivateStore:
-    def __init__(self, records: ProjectRecords, tmp_dir: Path, *, absence_ttl: float) -> None:
+    def __init__(
+        self, records: ProjectRecords, tmp_dir: Path, *, absence_ttl: float,
+        page_ttl: float = float("inf"),
+    ) -> None:
         """absence_ttl: how long "not private" is trusted without asking the backend
-        again while its feed stays (inf: the feed is exact, as on one host)."""
+        again while its feed stays (inf: the feed is exact, as on one host);
+        page_ttl: the same for a page (a feed entry lost in a crash is then
+        made up for after this long)."""
         self.records = records
         self.tmp_dir = tmp_dir
         self._absence_ttl = absence_ttl
-        # name -> (page, feed version it was read at)
-        self._pages: dict[str, tuple[ProjectPage, int]] = {}
+        self._page_ttl = page_ttl
+        # name -> (page, feed version it was read at, time.monotonic() it holds until)
+        self._pages: dict[str, tuple[ProjectPage, int, float]] = {}
         # What the backend said, valid while its feed stays at _seen:
         # name -> (private?, time.monotonic() until which a False holds).
         self._seen = -1
@@ -85,7 +91,7 @@ class PrivateStore:
         if at_rest and self.records.version() == version:
             self._remember(name, private)
             if record is not None and record.page is not None:
-                self._pages[name] = (record.page, version)
+                self._pages[name] = (record.page, version, time.monotonic() + self._page_ttl)
         return private
 
     def is_private(self, name: NormalizedName) -> bool:
@@ -112,7 +118,8 @@ class PrivateStore:
         at_rest = self._at_rest()
         version = self._seen  # read before the backend
         cached = self._pages.get(name)
-        if at_rest and cached is not None and cached[1] == version:
+        if at_rest and cached is not None and cached[1] == version and (
+                self._page_ttl == float("inf") or time.monotonic() < cached[2]):
             return cached[0]
         record = await self.records.read(name)
         if record is None or record.page is None:
@@ -120,7 +127,8 @@ class PrivateStore:
             return None
         # Kept for this version only if no write happened meanwhile.
         unchanged = at_rest and self.records.version() == version
-        self._pages[name] = (record.page, version if unchanged else -1)
+        self._pages[name] = (record.page, version if unchanged else -1,
+                             time.monotonic() + self._page_ttl)
         return record.page
 
     async def names(self) -> list[NormalizedName]:
