@@ -24,6 +24,7 @@ from .cache import ArtifactCache
 from .config import Config, ConfigError, load_config
 from .errors import NotFound, ProxyError, Unauthorized, UpstreamUnavailable
 from .fsutil import sweep_temp
+from .generation import Generation
 from .guard import CollisionLedger
 from .login_limit import FailureLimit
 from .logs import TOKEN_NAME
@@ -329,6 +330,7 @@ class Storage:
         self.local: list[LocalRecords] = []
         self.bucket: Bucket | None = None
         self.feed: ChangeFeed | None = None
+        self.host: Generation | None = None
         self._sweeps: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -349,6 +351,8 @@ class Storage:
             records.close()
         if self.bucket is not None:
             await self.bucket.close()
+        if self.host is not None:
+            self.host.close()
 
 
 async def _open_storage(config: Config, metrics: Metrics) -> Storage:
@@ -380,7 +384,8 @@ async def _open_storage(config: Config, metrics: Metrics) -> Storage:
                               metrics, SharedArtifacts(bucket))
     await asyncio.to_thread(artifacts.open)
     swept = await asyncio.to_thread(sweep_temp, data / "tmp")
-    feed = ChangeFeed(bucket)
+    host = await asyncio.to_thread(Generation, data / "s3.generation")
+    feed = ChangeFeed(bucket, host)
 
     async def open_blob(sha256: str) -> LocalFile | None:
         opened = await artifacts.open_cached(sha256, "blobs")
@@ -389,7 +394,7 @@ async def _open_storage(config: Config, metrics: Metrics) -> Storage:
     stores = {name: PrivateStore(S3Records(bucket, name, feed, open_blob), data / "tmp",
                                  absence_ttl=ABSENCE_TTL, page_ttl=PAGE_TTL) for name in names}
     storage = Storage(artifacts, stores, swept)
-    storage.bucket, storage.feed = bucket, feed
+    storage.bucket, storage.feed, storage.host = bucket, feed, host
     return storage
 
 

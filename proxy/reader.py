@@ -302,6 +302,11 @@ class Reader:
             store = self.stores[resolution.index.name]
             page = await store.page(name)
             entry = page.file(dist_name) if page is not None else None
+            if entry is None and store.records.remote:
+                # Listed on a page another replica served a moment ago, before
+                # this one's feed moved: ask the bucket before a 404.
+                page = await store.page(name, fresh=True)
+                entry = page.file(dist_name) if page is not None else None
             if entry is None or (is_meta and not entry.has_metadata):
                 raise NotFound(f"No file {filename} in private project {name}")
             hashes = entry.metadata_hashes if is_meta else entry.hashes

@@ -28,6 +28,7 @@ import orjson
 from packaging.utils import NormalizedName
 
 from .errors import ServiceUnavailable
+from .generation import Generation
 from .model import ProjectPage, is_sha256
 from .s3_bucket import Bucket
 from .storage import Decide, LocalFile, Record, StoredFile, StreamedFile, T
@@ -63,8 +64,11 @@ class ChangeFeed:
     """Which records changed, for every replica: one small object per change,
     listed every FEED_INTERVAL. version() moves on each change seen."""
 
-    def __init__(self, bucket: Bucket) -> None:
+    def __init__(self, bucket: Bucket, host: Generation | None = None) -> None:
+        """host: the counter the worker processes of this host share (their
+        siblings' commits are then seen at once, not at the next poll)."""
         self.bucket = bucket
+        self._host = host
         self._version = 0
         self._seen: set[str] = set()
         self._last_ms = int(time.time() * 1000)
@@ -72,15 +76,20 @@ class ChangeFeed:
         self.polls_ok = True
 
     def version(self) -> int:
-        # Even: a remote change is never "under way" for a reader.
-        return self._version * 2
+        # Even: a remote change is never "under way" for a reader (the host
+        # counter's own parity lands in the high bits).
+        host = self._host.read() if self._host is not None else 0
+        return (host << 40) + self._version * 2
 
     def moved(self) -> None:
         self._version += 1
 
     async def announce(self, index: str, name: str) -> None:
-        """After a commit: tell the other replicas (this one forgets at once)."""
+        """After a commit: tell the other replicas (this one forgets at once, its
+        sibling workers as soon as the host counter moves)."""
         self.moved()
+        if self._host is not None:
+            await asyncio.to_thread(self._host.bump)
         key = self.bucket.key(
             "changes", f"{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}", index, name)
         self._seen.add(key)

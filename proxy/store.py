@@ -114,11 +114,13 @@ class PrivateStore:
             return await self.check(name)
         return self.is_private(name)
 
-    async def page(self, name: NormalizedName) -> ProjectPage | None:
+    async def page(self, name: NormalizedName, fresh: bool = False) -> ProjectPage | None:
+        """The name's page; fresh: as the backend has it now, whatever this
+        process remembers (a file another replica committed a moment ago)."""
         at_rest = self._at_rest()
         version = self._seen  # read before the backend
         cached = self._pages.get(name)
-        if at_rest and cached is not None and cached[1] == version and (
+        if not fresh and at_rest and cached is not None and cached[1] == version and (
                 self._page_ttl == float("inf") or time.monotonic() < cached[2]):
             return cached[0]
         record = await self.records.read(name)

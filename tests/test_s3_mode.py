@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from tests.conftest import MakeProxy
 from tests.faults.helpers import (
     ADMIN,
@@ -23,6 +25,8 @@ from tests.support.artifacts import build_wheel, sha256_file
 from tests.support.s3 import BlindFront, Bucket, MotoServer
 from tests.support.server import REPO_ROOT, ProxyServer, deep_merge
 from tests.support.upstream import FakeUpstream
+
+JSON = "application/vnd.pypi.simple.v1+json"
 
 
 def _config(bucket: Bucket, upstream: FakeUpstream | None = None, **extra: Any) -> dict[str, Any]:
@@ -156,3 +160,17 @@ def test_serve_refuses_a_store_that_ignores_conditional_writes(
     assert "ignores conditional writes" in lines[-1], done.stderr
     assert "indexguard-test-secret" not in (done.stderr + done.stdout).decode()
     assert front.dropped > 0
+
+
+def test_workers_of_one_replica_see_each_others_uploads_at_once(
+    make_proxy: MakeProxy, s3_bucket: Bucket, artifacts_dir: Path,
+) -> None:
+    """Two workers share the port: whichever answers lists every file uploaded
+    through the other, with no wait for the change feed's next poll."""
+    proxy = make_proxy(_config(s3_bucket, workers=2), env=s3_bucket.env())
+    for i in range(20):
+        wheel = build_wheel(artifacts_dir / str(i), "acme-workers", f"1.{i}")
+        assert upload(proxy.url, wheel, "acme-workers", f"1.{i}").status == 200
+        page = call(proxy.index_url + "acme-workers/", headers={"Accept": JSON})
+        assert len(orjson.loads(page.body)["files"]) == i + 1, i
+        assert call(f"{proxy.url}/files/acme-workers/{wheel.name}").body == wheel.read_bytes()
