@@ -380,8 +380,9 @@ async def _open_storage(config: Config, metrics: Metrics) -> Storage:
     except BaseException:
         await bucket.close()
         raise
+    shared = SharedArtifacts(bucket, config.storage.s3.redirect_ttl)
     artifacts = ArtifactCache(data / "cache" / "files", data / "tmp", config.cache.max_bytes,
-                              metrics, SharedArtifacts(bucket))
+                              metrics, shared)
     await asyncio.to_thread(artifacts.open)
     swept = await asyncio.to_thread(sweep_temp, data / "tmp")
     host = await asyncio.to_thread(Generation, data / "s3.generation")
@@ -391,7 +392,7 @@ async def _open_storage(config: Config, metrics: Metrics) -> Storage:
         opened = await artifacts.open_cached(sha256, "blobs")
         return None if opened is None else LocalFile(opened[0], opened[1], "private", sha256)
 
-    stores = {name: PrivateStore(S3Records(bucket, name, feed, open_blob), data / "tmp",
+    stores = {name: PrivateStore(S3Records(bucket, name, feed, open_blob, shared), data / "tmp",
                                  absence_ttl=ABSENCE_TTL, page_ttl=PAGE_TTL) for name in names}
     storage = Storage(artifacts, stores, swept)
     storage.bucket, storage.feed, storage.host = bucket, feed, host

@@ -159,6 +159,9 @@ class S3:
     # None: AWS itself; an http(s) URL for MinIO, SeaweedFS, moto.
     endpoint_url: str | None = None
     region: str | None = None
+    # Seconds a presigned URL for a file GET is valid; 0: files stream through
+    # the replica (the default).
+    redirect_ttl: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -830,12 +833,14 @@ def _storage(r: _Reader, top: Mapping[str, Any]) -> Storage:
         if backend == "s3":
             r.problems.append("storage.s3: required with storage.backend: s3 (bucket, region)")
         return Storage(backend)
-    b = r.section(raw, "storage.s3", {"bucket", "prefix", "endpoint_url", "region"})
+    b = r.section(raw, "storage.s3",
+                  {"bucket", "prefix", "endpoint_url", "region", "redirect_ttl"})
     s3 = S3(
         bucket=r.get(b, "storage.s3.", "bucket", "", _bucket),
         prefix=r.get(b, "storage.s3.", "prefix", "", _key_prefix),
         endpoint_url=r.get(b, "storage.s3.", "endpoint_url", None, _optional(_endpoint)),
         region=r.get(b, "storage.s3.", "region", None, _optional(_str)),
+        redirect_ttl=r.get(b, "storage.s3.", "redirect_ttl", 0, _int_range(0, 3600)),
     )
     if backend == "s3" and not s3.bucket:
         r.problems.append("storage.s3.bucket: required with storage.backend: s3")

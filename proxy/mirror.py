@@ -34,7 +34,7 @@ from .pagecache import CachedPage, PageCache
 from .registry import UpstreamSpec
 from .simple_api import Format, PageParseError, upstream_page_url
 from .simple_api import parse_page as parse_any_page
-from .storage import LocalFile, StoredFile
+from .storage import LocalFile, RedirectFile, StoredFile
 from .upstream import UpstreamClient, refusal
 
 log = logging.getLogger("indexguard.index")
@@ -283,7 +283,8 @@ class Mirror:
 
     async def file(
         self, name: NormalizedName, filename: str, entry: FileEntry, config: Config,
-    ) -> StoredFile | RemoteFile:
+        redirect: bool = False,
+    ) -> StoredFile | RedirectFile | RemoteFile:
         """Where the bytes of a file listed on this upstream's page come from.
         Raises NotFound (no valid sha256), UpstreamUnavailable (a refused URL)."""
         is_meta = filename.endswith(METADATA_SUFFIX)
@@ -293,6 +294,12 @@ class Mirror:
             raise NotFound(
                 f"{filename} has no sha256 upstream; the proxy serves verified files only"
             )
+        shared = self.artifacts.shared
+        if redirect and shared is not None:
+            url = await shared.presign("artifacts", sha256)
+            if url is not None:
+                self.metrics.count(self.metrics.file_cache, "hit")
+                return RedirectFile(url, None if is_meta else entry.size, "cache", sha256)
         opened = await self.artifacts.open_cached(sha256)
         if opened is not None:
             self.metrics.count(self.metrics.file_cache, "hit")

@@ -32,7 +32,7 @@ from .pagecache import CachedPage
 from .registry import GroupSpec, Member, UpstreamSpec
 from .resolve import ForwardOff, Missing, Private, Reserved, Resolution, Upstreams, resolve
 from .simple_api import Format
-from .storage import Source, StoredFile
+from .storage import RedirectFile, Source, StoredFile
 from .store import PrivateStore
 
 guard_log = logging.getLogger("indexguard.guard")
@@ -288,11 +288,12 @@ class Reader:
 
     async def file(
         self, name: NormalizedName, filename: str, config: Config, client: str,
-        view: View,
-    ) -> StoredFile | RemoteFile:
+        view: View, redirect: bool = False,
+    ) -> StoredFile | RedirectFile | RemoteFile:
         """Where a file's bytes come from: a file already open, or a transfer
-        to start. Only the member that answers the name in the view is asked.
-        Raises NotFound, UpstreamUnavailable."""
+        to start; with redirect (a GET, storage.s3.redirect_ttl on), maybe a
+        presigned URL. Only the member that answers the name in the view is
+        asked. Raises NotFound, UpstreamUnavailable."""
         is_meta = filename.endswith(METADATA_SUFFIX)
         dist_name = filename[: -len(METADATA_SUFFIX)] if is_meta else filename
         if self._stores_unsure(name, view, config):
@@ -310,7 +311,8 @@ class Reader:
             if entry is None or (is_meta and not entry.has_metadata):
                 raise NotFound(f"No file {filename} in private project {name}")
             hashes = entry.metadata_hashes if is_meta else entry.hashes
-            stored = await store.open_file(name, filename, (hashes or {}).get("sha256"))
+            stored = await store.open_file(name, filename, (hashes or {}).get("sha256"),
+                                           redirect)
             if stored is None:  # deleted since the page was read
                 raise NotFound(f"No file {filename} in private project {name}")
             return stored
@@ -323,7 +325,7 @@ class Reader:
         min_age = mirror.settings(config).min_age
         if entry is None or too_young(entry, name, config, time.time(), min_age):
             raise NotFound(f"No file {dist_name} for {name} upstream")
-        return await mirror.file(name, filename, entry, config)
+        return await mirror.file(name, filename, entry, config, redirect)
 
     async def _answering_page(
         self, name: NormalizedName, filename: str, candidates: Upstreams, config: Config,

@@ -226,6 +226,16 @@ class Bucket:
             raise _unavailable(exc) from None
         return written, digest.hexdigest()
 
+    async def presign(self, key: str, ttl: int) -> str:
+        """A GET URL for key, valid ttl seconds, signed with this client's
+        credentials (no request is made)."""
+        try:
+            url: str = await self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.name, "Key": key}, ExpiresIn=ttl)
+        except (ClientError, *_TRANSPORT) as exc:
+            raise _unavailable(exc) from None
+        return url
+
     def ranged(self, key: str) -> Callable[[int, int], AsyncGenerator[bytes, None]]:
         async def read(start: int, stop: int) -> AsyncGenerator[bytes, None]:
             try:

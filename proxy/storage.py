@@ -47,6 +47,17 @@ class StreamedFile:
     read: Callable[[int, int], AsyncGenerator[bytes, None]]
 
 
+@dataclass(frozen=True, slots=True)
+class RedirectFile:
+    """A stored file a client fetches from the store itself: a short-lived
+    presigned URL (storage.s3.redirect_ttl). Only for GET; HEAD is answered here."""
+
+    url: str
+    size: int | None
+    source: Source
+    sha256: str
+
+
 # What the read path hands the web layer for a stored file: never a Path.
 StoredFile = LocalFile | StreamedFile
 
@@ -135,9 +146,10 @@ class ProjectRecords(Protocol):
         ...
 
     async def open_file(
-        self, name: NormalizedName, filename: str, sha256: str | None,
-    ) -> StoredFile | None:
-        """A listed file's bytes; None when they are gone (deleted meanwhile)."""
+        self, name: NormalizedName, filename: str, sha256: str | None, redirect: bool = False,
+    ) -> StoredFile | RedirectFile | None:
+        """A listed file's bytes; None when they are gone (deleted meanwhile).
+        redirect: a RedirectFile is welcome (a GET), if the backend gives them."""
         ...
 
 
@@ -153,3 +165,9 @@ class SharedFiles(Protocol):
     async def store(self, kind: str, sha256: str, path: Path) -> None:
         """Share a verified file; already there is fine. Raises ServiceUnavailable."""
         ...
+
+    async def presign(self, kind: str, sha256: str) -> str | None:
+        """A short-lived URL a client may GET without credentials; None when
+        redirects are off or the file is not shared (yet). Raises ServiceUnavailable."""
+        ...
+

@@ -140,7 +140,7 @@ class LocalRecords:
         return safe_join(self._project_dir(name), "files", filename)
 
     async def open_file(
-        self, name: NormalizedName, filename: str, sha256: str | None,
+        self, name: NormalizedName, filename: str, sha256: str | None, redirect: bool = False,
     ) -> StoredFile | None:
         try:
             fh, size = await asyncio.to_thread(open_sized, self.file_path(name, filename))

@@ -31,7 +31,7 @@ from .errors import ServiceUnavailable
 from .generation import Generation
 from .model import ProjectPage, is_sha256
 from .s3_bucket import Bucket
-from .storage import Decide, LocalFile, Record, StoredFile, StreamedFile, T
+from .storage import Decide, LocalFile, Record, RedirectFile, StoredFile, StreamedFile, T
 
 log = logging.getLogger("indexguard.storage")
 
@@ -152,8 +152,9 @@ class S3Records:
     remote = True
 
     def __init__(self, bucket: Bucket, index: str, feed: ChangeFeed, open_local: OpenLocal,
-                 ) -> None:
+                 shared: SharedArtifacts | None = None) -> None:
         self.bucket = bucket
+        self._shared = shared
         self.index = index
         self.feed = feed
         self._open_local = open_local
@@ -213,10 +214,14 @@ class S3Records:
         return names
 
     async def open_file(
-        self, name: NormalizedName, filename: str, sha256: str | None,
-    ) -> StoredFile | None:
+        self, name: NormalizedName, filename: str, sha256: str | None, redirect: bool = False,
+    ) -> StoredFile | RedirectFile | None:
         if sha256 is None or not is_sha256(sha256):
             return None
+        if redirect and self._shared is not None:
+            url = await self._shared.presign("blobs", sha256)
+            if url is not None:
+                return RedirectFile(url, None, "private", sha256)
         local = await self._open_local(sha256)
         if local is not None:
             return local
@@ -315,8 +320,24 @@ class SharedArtifacts:
     """Verified files in the bucket, behind each replica's local tier
     (cache.ArtifactCache): `kind` is "artifacts" (upstream files) or "blobs"."""
 
-    def __init__(self, bucket: Bucket) -> None:
+    def __init__(self, bucket: Bucket, redirect_ttl: int = 0) -> None:
         self.bucket = bucket
+        self.redirect_ttl = redirect_ttl
+        # Hashes known to be in the bucket: shared files are never deleted
+        # (blobs only once no record lists them, and a listed one is asked for).
+        self._present: set[str] = set()
+
+    async def presign(self, kind: str, sha256: str) -> str | None:
+        if not self.redirect_ttl or not is_sha256(sha256):
+            return None
+        key = self.bucket.key(kind, sha256)
+        if key not in self._present:
+            if await self.bucket.head(key) is None:
+                return None
+            if len(self._present) >= 100_000:
+                self._present.clear()
+            self._present.add(key)
+        return await self.bucket.presign(key, self.redirect_ttl)
 
     async def fetch(self, kind: str, sha256: str, dest: Path, limit: int) -> int | None:
         """Into dest, verified: its size; None when absent, too large, or its

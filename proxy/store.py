@@ -21,7 +21,7 @@ from packaging.utils import NormalizedName
 from .dists import file_key, guess_version
 from .errors import BadRequest, FileExists, NotFound
 from .model import FileEntry, ProjectPage
-from .storage import Change, NewFile, ProjectRecords, Record, StoredFile, Used
+from .storage import Change, NewFile, ProjectRecords, Record, RedirectFile, StoredFile, Used
 
 AddOutcome = Literal["stored", "duplicate"]
 # Names whose private-or-not answer is remembered between store changes.
@@ -138,10 +138,11 @@ class PrivateStore:
         return await self.records.names()
 
     async def open_file(
-        self, name: NormalizedName, filename: str, sha256: str | None,
-    ) -> StoredFile | None:
-        """A listed file, opened (None: deleted since its page was read)."""
-        return await self.records.open_file(name, filename, sha256)
+        self, name: NormalizedName, filename: str, sha256: str | None, redirect: bool = False,
+    ) -> StoredFile | RedirectFile | None:
+        """A listed file, opened (None: deleted since its page was read); with
+        redirect, maybe a presigned URL instead (storage.s3.redirect_ttl)."""
+        return await self.records.open_file(name, filename, sha256, redirect)
 
     # --- writes --------------------------------------------------------------------
 

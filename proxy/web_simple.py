@@ -28,7 +28,7 @@ from .reader import view as view_
 from .resolve import may_read_group, may_read_index
 from .simple_api import negotiate, render_root_html, render_root_json
 from .state import CONFIG, IDENTITY, METRICS, READER
-from .storage import LocalFile, StoredFile, StreamedFile
+from .storage import LocalFile, RedirectFile, StoredFile, StreamedFile
 
 log = logging.getLogger("indexguard.web")
 
@@ -223,7 +223,8 @@ async def _project_file(request: web.Request, raw: str, filename: str) -> web.St
         raise web.HTTPMovedPermanently(f"../{quote(name)}/{quote(filename)}")
     config = request.app[CONFIG].current
     view = view_of(request, config)
-    source = await request.app[READER].file(name, filename, config, _client(request), view)
+    source = await request.app[READER].file(name, filename, config, _client(request), view,
+                                            redirect=request.method == "GET")
     return await _answer_file(request, filename, source)
 
 
@@ -240,7 +241,8 @@ async def gitlab_file(request: web.Request) -> web.StreamResponse:
     _check_file_name(filename)
     config = request.app[CONFIG].current
     view = view_of(request, config)
-    source = await request.app[READER].file(project, filename, config, _client(request), view)
+    source = await request.app[READER].file(project, filename, config, _client(request), view,
+                                            redirect=request.method == "GET")
     if source.sha256 != key:
         if isinstance(source, LocalFile):
             await asyncio.to_thread(source.file.close)
@@ -249,7 +251,7 @@ async def gitlab_file(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer_file(
-    request: web.Request, filename: str, source: StoredFile | RemoteFile,
+    request: web.Request, filename: str, source: StoredFile | RedirectFile | RemoteFile,
 ) -> web.StreamResponse:
     metrics = request.app[METRICS]
     credentialed = request.get(IDENTITY, ANONYMOUS) is not ANONYMOUS
@@ -272,6 +274,14 @@ async def _answer_file(
             return await _send_file(request, source, headers, metrics)
         finally:
             await asyncio.to_thread(source.file.close)
+    if isinstance(source, RedirectFile):
+        request[CACHE_OUTCOME] = source.source
+        if _etag_matches(request, (headers["ETag"],)):
+            return web.Response(status=304, headers=headers)
+        # The URL expires soon and carries a signature: no cache keeps it.
+        # pip and uv follow it without sending this index's credentials.
+        return web.Response(status=302, headers={
+            "Location": source.url, "Cache-Control": "private, no-store", **_NOSNIFF})
     if isinstance(source, StreamedFile):
         request[CACHE_OUTCOME] = source.source
         if _etag_matches(request, (headers.get("ETag", ""),)):

@@ -22,6 +22,7 @@ from tests.faults.helpers import (
     upload,
 )
 from tests.support.artifacts import build_wheel, sha256_file
+from tests.support.clients import installed_version, pip_install
 from tests.support.s3 import BlindFront, Bucket, MotoServer
 from tests.support.server import REPO_ROOT, ProxyServer, deep_merge
 from tests.support.upstream import FakeUpstream
@@ -174,3 +175,37 @@ def test_workers_of_one_replica_see_each_others_uploads_at_once(
         page = call(proxy.index_url + "acme-workers/", headers={"Accept": JSON})
         assert len(orjson.loads(page.body)["files"]) == i + 1, i
         assert call(f"{proxy.url}/files/acme-workers/{wheel.name}").body == wheel.read_bytes()
+
+
+def test_redirects_to_presigned_urls_when_asked(
+    make_proxy: MakeProxy, s3_bucket: Bucket, upstream: FakeUpstream, artifacts_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """storage.s3.redirect_ttl: a GET of a private file or a shared artifact is a
+    302 to a presigned URL that works without credentials; HEAD is answered here."""
+    public = build_wheel(artifacts_dir / "up", "tiny-redir", "1.0")
+    upstream.add(public)
+    config = _config(s3_bucket, upstream)
+    config["storage"]["s3"]["redirect_ttl"] = 60
+    proxy = make_proxy(config, env=s3_bucket.env())
+    wheel = build_wheel(artifacts_dir / "mine", "acme-redir", "1.0")
+    assert upload(proxy.url, wheel, "acme-redir", "1.0").status == 200
+    url = f"{proxy.url}/files/acme-redir/{wheel.name}"
+    moved = call(url)
+    assert moved.status == 302 and moved.headers["cache-control"] == "private, no-store"
+    location = moved.headers["location"]
+    assert location.startswith(s3_bucket.endpoint_url) and "Signature" in location
+    assert call(location).body == wheel.read_bytes()  # no credentials needed
+    head = call(url, "HEAD")
+    assert head.status == 200 and head.headers["content-length"] == str(wheel.stat().st_size)
+    etag = f'"{sha256_file(wheel)}"'
+    assert call(url, headers={"If-None-Match": etag}).status == 304
+    result = pip_install(proxy.index_url, tmp_path / "target", "acme-redir")
+    assert result.returncode == 0, result.stderr
+    assert installed_version(tmp_path / "target", "acme-redir") == "1.0"
+    # An upstream file: streamed while it is cold, then shared and redirected.
+    cold = f"{proxy.url}/files/tiny-redir/{public.name}"
+    assert call(proxy.index_url + "tiny-redir/").status == 200
+    assert call(cold).body == public.read_bytes()
+    assert eventually(lambda: call(cold).status == 302)
+    assert call(call(cold).headers["location"]).body == public.read_bytes()
