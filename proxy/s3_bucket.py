@@ -165,6 +165,14 @@ class Bucket:
         age = time.time() - resp["LastModified"].timestamp()
         return Listed(key, age, resp["ContentLength"])
 
+    async def copy(self, source: str, key: str) -> None:
+        """Copy an object within the bucket (server-side)."""
+        try:
+            await self.client.copy_object(
+                Bucket=self.name, Key=key, CopySource={"Bucket": self.name, "Key": source})
+        except (ClientError, *_TRANSPORT) as exc:
+            raise _unavailable(exc) from None
+
     async def delete(self, key: str) -> None:
         try:
             await self.client.delete_object(Bucket=self.name, Key=key)

@@ -58,6 +58,8 @@ ABSENCE_TTL = FEED_INTERVAL
 PAGE_TTL = 10.0
 # The sweep of unreferenced blobs and old feed entries, per replica.
 SWEEP_INTERVAL = 6 * 3600.0
+# A swept blob waits this long in trash/ before it is gone for good.
+TRASH_KEEP = 24 * 3600.0
 
 
 class ChangeFeed:
@@ -229,7 +231,15 @@ class S3Records:
         key = self.bucket.key("blobs", sha256)
         head = await self.bucket.head(key)
         if head is None:
-            return None
+            # Listed, yet swept (see sweep()): back from the trash, then as usual.
+            if not await restore(self.bucket, sha256):
+                return None
+            local = await self._open_local(sha256)
+            if local is not None:
+                return local
+            head = await self.bucket.head(key)
+            if head is None:
+                return None
         return StreamedFile(head.size, "private", sha256, self.bucket.ranged(key))
 
     async def commit(self, name: NormalizedName, decide: Decide[T]) -> T:
@@ -362,33 +372,63 @@ class SharedArtifacts:
             await asyncio.to_thread(fh.close)
 
 
+async def _listed(bucket: Bucket, indexes: list[str]) -> set[str]:
+    """Every sha256 a record lists (files and their metadata)."""
+    listed: set[str] = set()
+    for index in indexes:
+        async for item in bucket.list(bucket.key("indexes", index, "projects", "")):
+            got = await bucket.get(item.key)
+            if isinstance(got, tuple):
+                page = _parse(got[0]).page
+                for f in page.files if page is not None else ():
+                    for hashes in (f.hashes, f.metadata_hashes):
+                        if hashes and "sha256" in hashes:
+                            listed.add(hashes["sha256"])
+    return listed
+
+
+async def restore(bucket: Bucket, sha256: str) -> bool:
+    """A swept blob back from trash/ (a record lists it after all). True if it was there."""
+    trashed = bucket.key("trash", sha256)
+    if await bucket.head(trashed) is None:
+        return False
+    await bucket.copy(trashed, bucket.key("blobs", sha256))
+    await bucket.delete(trashed)
+    log.warning("blob restored from the sweep's trash", extra={"sha256": sha256})
+    return True
+
+
 async def sweep(bucket: Bucket, indexes: list[str]) -> tuple[int, int]:
-    """Delete blobs no record lists (older than BLOB_GRACE) and change-feed
-    entries older than FEED_KEEP. Reads every record: a background job, never
-    at start. Returns (blobs, feed entries) removed."""
+    """Move blobs no record lists (older than BLOB_GRACE) to trash/, restore
+    trashed blobs a record lists after all, delete trash older than TRASH_KEEP
+    and change-feed entries older than FEED_KEEP. Reads every record: a
+    background job, never at start. Returns (blobs trashed, feed entries removed).
+
+    Trash, not a delete: an upload that reuses an old blob rewrites it and
+    checks it after its commit, but a sweep could still take it in between its
+    own last look and its delete; its bytes then wait in trash/ for the next
+    sweep (or the first reader, S3Records.open_file) to put them back.
+    """
     old = [item async for item in bucket.list(bucket.key("blobs", ""))
            if item.age > BLOB_GRACE]
+    trash = [item async for item in bucket.list(bucket.key("trash", ""))]
+    listed = await _listed(bucket, indexes) if old or trash else set()
+    for item in trash:
+        sha = item.key.rsplit("/", 1)[-1]
+        if sha in listed:
+            await restore(bucket, sha)
+        elif item.age > TRASH_KEEP:
+            await bucket.delete(item.key)
     removed_blobs = 0
-    if old:
-        listed: set[str] = set()
-        for index in indexes:
-            prefix = bucket.key("indexes", index, "projects", "")
-            async for item in bucket.list(prefix):
-                got = await bucket.get(item.key)
-                if isinstance(got, tuple):
-                    page = _parse(got[0]).page
-                    for f in page.files if page is not None else ():
-                        for hashes in (f.hashes, f.metadata_hashes):
-                            if hashes and "sha256" in hashes:
-                                listed.add(hashes["sha256"])
-        for item in old:
-            sha = item.key.rsplit("/", 1)[-1]
-            if sha in listed:
-                continue
-            again = await bucket.head(item.key)
-            if again is not None and again.age > BLOB_GRACE:
-                await bucket.delete(item.key)
-                removed_blobs += 1
+    for item in old:
+        sha = item.key.rsplit("/", 1)[-1]
+        if sha in listed:
+            continue
+        again = await bucket.head(item.key)
+        if again is not None and again.age > BLOB_GRACE:
+            await bucket.copy(item.key, bucket.key("trash", sha))
+            await bucket.delete(item.key)
+            removed_blobs += 1
     removed_feed = 0
     async for item in bucket.list(bucket.key("changes", "")):
         if item.age > FEED_KEEP:

@@ -246,8 +246,9 @@ async def test_a_store_that_ignores_conditional_writes_is_refused(
 async def test_the_sweep_takes_only_old_unreferenced_blobs(
     moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
 ) -> None:
-    """A blob left by an upload that died before its commit goes, once older than
-    BLOB_GRACE; a listed file's blob stays, and so does a young orphan."""
+    """A blob left by an upload that died before its commit goes to trash/ once
+    older than BLOB_GRACE; a listed file's blob stays, and so does a young
+    orphan; a listed blob found in trash/ is put back."""
     bucket_info = moto_server.bucket()
     for key, value in CREDENTIALS.items():
         monkeypatch.setenv(key, value)
@@ -271,10 +272,29 @@ async def test_the_sweep_takes_only_old_unreferenced_blobs(
         monkeypatch.setattr(storage_s3, "FEED_KEEP", -1.0)
         removed_blobs, removed_feed = await storage_s3.sweep(bucket, ["default"])
         assert removed_blobs == 1 and removed_feed == 1
-        assert bucket_info.keys("blobs/") == [f"blobs/{hashlib.sha256(b'listed').hexdigest()}"]
+        listed = hashlib.sha256(b"listed").hexdigest()
+        assert bucket_info.keys("blobs/") == [f"blobs/{listed}"]
+        assert bucket_info.keys("trash/") == [f"trash/{orphan}"]
         page = await host.store.page(NAME)
         assert page is not None
         stored = await host.store.open_file(NAME, page.files[0].filename, page.files[0].sha256)
         assert stored is not None and await _read(stored) == b"listed"
+        # A sweep that lost the race with an upload reusing an old blob (it took
+        # a blob that a record lists after all): the first reader restores it...
+        client = bucket_info.client()
+        client.copy_object(Bucket=bucket_info.name, Key=f"trash/{listed}",
+                           CopySource={"Bucket": bucket_info.name, "Key": f"blobs/{listed}"})
+        client.delete_object(Bucket=bucket_info.name, Key=f"blobs/{listed}")
+        stored = await host.store.open_file(NAME, page.files[0].filename, listed)
+        assert stored is not None and await _read(stored) == b"listed"
+        assert f"blobs/{listed}" in bucket_info.keys("blobs/")
+        # ... or the next sweep does; unlisted trash goes after TRASH_KEEP.
+        client.copy_object(Bucket=bucket_info.name, Key=f"trash/{listed}",
+                           CopySource={"Bucket": bucket_info.name, "Key": f"blobs/{listed}"})
+        client.delete_object(Bucket=bucket_info.name, Key=f"blobs/{listed}")
+        monkeypatch.setattr(storage_s3, "TRASH_KEEP", -1.0)
+        await storage_s3.sweep(bucket, ["default"])
+        assert bucket_info.keys("blobs/") == [f"blobs/{listed}"]
+        assert bucket_info.keys("trash/") == []
     finally:
         await bucket.close()
