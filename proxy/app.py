@@ -331,14 +331,21 @@ class Storage:
         self.bucket: Bucket | None = None
         self.feed: ChangeFeed | None = None
         self.host: Generation | None = None
+        # S3: this host's tier of private files (apart from the artifacts).
+        self.blobs: ArtifactCache | None = None
         self._sweeps: asyncio.Task[None] | None = None
+        self._scan: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        if self.blobs is not None:
+            self._scan = asyncio.create_task(self.blobs.scan())
         if self.feed is not None and self.bucket is not None:
             self.feed.start()
             self._sweeps = asyncio.create_task(run_sweeps(self.bucket, list(self.stores)))
 
     async def stop(self) -> None:
+        if self._scan is not None:
+            self._scan.cancel()
         if self._sweeps is not None:
             self._sweeps.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -347,6 +354,8 @@ class Storage:
             await self.feed.stop()
 
     async def close(self) -> None:
+        if self.blobs is not None:
+            self.blobs.close()
         for records in self.local:
             records.close()
         if self.bucket is not None:
@@ -388,14 +397,22 @@ async def _open_storage(config: Config, metrics: Metrics) -> Storage:
     host = await asyncio.to_thread(Generation, data / "s3.generation")
     feed = ChangeFeed(bucket, host)
 
+    # Private files get a tier of their own, never the upstream artifacts': an
+    # upstream page may name any sha256 (a private file's is in lockfiles), and
+    # must never get private bytes from the tier it is served from.
+    blobs = ArtifactCache(data / "blobs" / "files", data / "tmp" / "blobs",
+                          config.cache.max_bytes, metrics, shared, gauges=False)
+    await asyncio.to_thread(blobs.open)
+
     async def open_blob(sha256: str) -> LocalFile | None:
-        opened = await artifacts.open_cached(sha256, "blobs")
+        opened = await blobs.open_cached(sha256, "blobs")
         return None if opened is None else LocalFile(opened[0], opened[1], "private", sha256)
 
     stores = {name: PrivateStore(S3Records(bucket, name, feed, open_blob, shared), data / "tmp",
                                  absence_ttl=ABSENCE_TTL, page_ttl=PAGE_TTL) for name in names}
     storage = Storage(artifacts, stores, swept)
     storage.bucket, storage.feed, storage.host = bucket, feed, host
+    storage.blobs = blobs
     return storage
 
 

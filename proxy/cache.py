@@ -47,9 +47,11 @@ PART_SUFFIX = ".part"
 class ArtifactCache:
     def __init__(
         self, root: Path, tmp_dir: Path, max_bytes: int, metrics: Metrics,
-        shared: SharedFiles | None = None,
+        shared: SharedFiles | None = None, gauges: bool = True,
     ) -> None:
         self.root = root
+        # Whether this cache is the one the cache_bytes/cache_entries gauges describe.
+        self._gauges = gauges
         # Replicas' shared tier (storage_s3): asked on a local miss, fed after
         # each verified commit. None on one host.
         self.shared = shared
@@ -159,6 +161,8 @@ class ArtifactCache:
                                                             "reason": exc.reason})
 
     def _publish(self) -> None:
+        if not self._gauges:
+            return
         self._metrics.cache_bytes.set(self._bytes)
         self._metrics.cache_entries.set(len(self._lru))
 

@@ -209,3 +209,28 @@ def test_redirects_to_presigned_urls_when_asked(
     assert call(cold).body == public.read_bytes()
     assert eventually(lambda: call(cold).status == 302)
     assert call(call(cold).headers["location"]).body == public.read_bytes()
+
+
+def test_an_upstream_page_naming_a_private_files_hash_never_gets_its_bytes(
+    make_proxy: MakeProxy, s3_bucket: Bucket, upstream: FakeUpstream, artifacts_dir: Path,
+) -> None:
+    """A private file's sha256 is no secret (lockfiles carry it). A hostile upstream
+    page that lists it for a public name must not make the replica hand out the
+    private bytes it keeps in its local tier: private files live apart from the
+    upstream artifacts, here as in the bucket."""
+    proxy = _replicas(make_proxy, s3_bucket, 1, upstream)[0]
+    secret = build_wheel(artifacts_dir, "acme-secret", "1.0")
+    assert upload(proxy.url, secret, "acme-secret", "1.0").status == 200
+    got = call(f"{proxy.url}/files/acme-secret/{secret.name}")
+    assert got.body == secret.read_bytes()  # now in this replica's local tier
+    lure = "evil_pkg-1.0-py3-none-any.whl"
+    upstream.script("/simple/evil-pkg/", {
+        "meta": {"api-version": "1.1"}, "name": "evil-pkg",
+        "files": [{"filename": lure, "url": f"{upstream.url.rstrip('/')}/../files/{lure}",
+                   "hashes": {"sha256": sha256_file(secret)}}],
+    })
+    upstream.script(f"/files/{lure}", b"not the secret", content_type="application/zip")
+    assert call(proxy.index_url + "evil-pkg/").status == 200
+    answer = call(f"{proxy.url}/files/evil-pkg/{lure}")
+    assert secret.read_bytes() not in answer.body
+    assert answer.status == 502 or not answer.complete
