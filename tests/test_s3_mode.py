@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tests.conftest import MakeProxy
 from tests.faults.helpers import (
@@ -146,19 +147,23 @@ def test_admin_changes_reach_the_other_replica(
         lambda: call(f"{two.url}/files/acme-gone/{wheel.name}").status == 404, timeout=2.5)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_serve_refuses_a_store_that_ignores_conditional_writes(
-    moto_server: MotoServer, tmp_path: Path,
+    moto_server: MotoServer, tmp_path: Path, workers: int,
 ) -> None:
     bucket = moto_server.bucket()
     with BlindFront(moto_server.endpoint_url) as front:
         blind = Bucket(bucket.name, front.endpoint_url, moto_server.endpoint_url)
-        proxy = ProxyServer(tmp_path / "proxy", _config(blind), env=blind.env())
+        proxy = ProxyServer(tmp_path / "proxy", _config(blind, workers=workers),
+                            env=blind.env())
         env = {**blind.env(), "PYTHONPATH": str(REPO_ROOT)}
         done = subprocess.run(proxy.argv(), cwd=REPO_ROOT, env=env, capture_output=True,
                               timeout=60, check=False)
     assert done.returncode == 2
     lines = done.stderr.decode().strip().splitlines()
     assert "ignores conditional writes" in lines[-1], done.stderr
+    # Said once, also with workers (the supervisor probes before any starts).
+    assert sum("conditional writes" in line for line in lines) == 1
     assert "indexguard-test-secret" not in (done.stderr + done.stdout).decode()
     assert front.dropped > 0
 
