@@ -43,33 +43,35 @@ class PrivateStore:
         self._page_ttl = page_ttl
         # name -> (page, feed version it was read at, time.monotonic() it holds until)
         self._pages: dict[str, tuple[ProjectPage, int, float]] = {}
-        # What the backend said, valid while its feed stays at _seen:
-        # name -> (private?, time.monotonic() until which a False holds).
+        # What the backend said of each name: (private?, the feed version it
+        # was said at, time.monotonic() until which a False holds). Trusted
+        # while the version stays; the last answer of a remote backend stays
+        # the answer until check() gives a newer one (never a guess of "not
+        # private" because the feed moved between a check and its use).
         self._seen = -1
-        self._private: dict[str, tuple[bool, float]] = {}
+        self._private: dict[str, tuple[bool, int, float]] = {}
 
     # --- reads -------------------------------------------------------------------
 
     def _at_rest(self) -> bool:
-        """Whether what this process remembers still holds. Forgets it otherwise.
+        """Whether what this process remembers may hold: the version it was
+        remembered at is the current one. False while a write is under way
+        (odd version): then every read goes to the backend."""
+        self._seen = self.records.version()
+        return self._seen % 2 == 0
 
-        False also while a write is under way (odd version): then every read
-        goes to the backend and nothing is remembered.
-        """
-        version = self.records.version()
-        if version != self._seen:
-            self._private.clear()
-            self._seen = version
-        return version % 2 == 0
-
-    def _remember(self, name: NormalizedName, private: bool) -> None:
+    def _remember(self, name: NormalizedName, private: bool, version: int) -> None:
         if len(self._private) >= _KNOWN_NAMES:
             self._private.clear()
-        self._private[name] = (private, time.monotonic() + self._absence_ttl)
+        self._private[name] = (private, version, time.monotonic() + self._absence_ttl)
 
     def _remembered(self, name: NormalizedName) -> bool | None:
+        """The answer remembered at the current version (and, for "not private",
+        within absence_ttl); None: ask the backend."""
         known = self._private.get(name)
-        if known is None or not (known[0] or time.monotonic() < known[1]):
+        if known is None or known[1] != self._seen:
+            return None
+        if not known[0] and time.monotonic() >= known[2]:
             return None
         return known[0]
 
@@ -79,19 +81,22 @@ class PrivateStore:
         if not self.records.remote:
             return False
         self._at_rest()
-        return self._remembered(name) is None and self.records.peek_private(name) is None
+        return self._remembered(name) is None
 
     async def check(self, name: NormalizedName) -> bool:
         """Ask the backend whether the name is private now, and remember it.
-        Raises UpstreamUnavailable (a 502: the store cannot say)."""
+        Raises ServiceUnavailable (the store cannot say)."""
         at_rest = self._at_rest()
         version = self._seen
         record = await self.records.learn(name)
         private = record is not None and record.page is not None
-        if at_rest and self.records.version() == version:
-            self._remember(name, private)
-            if record is not None and record.page is not None:
-                self._pages[name] = (record.page, version, time.monotonic() + self._page_ttl)
+        # Remembered as of the version read before asking: if the feed moved
+        # meanwhile, the next request asks again (is_private() still answers
+        # with this, the newest answer there is).
+        self._remember(name, private, version if at_rest else -1)
+        if private and at_rest and self.records.version() == version:
+            assert record is not None and record.page is not None
+            self._pages[name] = (record.page, version, time.monotonic() + self._page_ttl)
         return private
 
     def is_private(self, name: NormalizedName) -> bool:
@@ -101,12 +106,17 @@ class PrivateStore:
         known = self._remembered(name)
         if known is not None:
             return known
+        peek = self.records.peek_private(name)
+        if peek is None:
+            # Remote: the last answer check() got (a moment ago, in the usual
+            # request), else "not private" for callers that never checked.
+            last = self._private.get(name)
+            return last[0] if last is not None else False
         # Read after the version: a change that lands in between moves it past
-        # _seen, and the next call forgets this answer.
-        private = bool(self.records.peek_private(name))
+        # the version remembered, and the next call asks again.
         if at_rest:
-            self._remember(name, private)
-        return private
+            self._remember(name, peek, self._seen)
+        return peek
 
     async def private(self, name: NormalizedName) -> bool:
         """is_private(), asking a remote backend first when it must."""

@@ -8,8 +8,8 @@ from pathlib import Path
 PROXY = Path(__file__).resolve().parents[1] / "proxy"
 # Top to bottom, the way a request travels; a module may import only later ones.
 ORDER = [
-    "__main__", "cli", "app", "web_simple", "web_upload", "web_admin", "web_ops", "state",
-    "logs", "reader", "mirror", "page_memory", "answers", "publish", "guard", "resolve",
+    "__main__", "cli", "app", "backends", "web_simple", "web_upload", "web_admin", "web_ops",
+    "state", "logs", "reader", "mirror", "page_memory", "answers", "publish", "guard", "resolve",
     "upstream_names", "auth", "login_limit", "cache", "pagecache", "follow", "sink",
     "download", "upstream", "metrics", "store", "storage_local", "storage_s3", "s3_bucket",
     "storage", "generation", "hashlock", "fsutil", "config",

@@ -298,3 +298,30 @@ async def test_the_sweep_takes_only_old_unreferenced_blobs(
         assert bucket_info.keys("trash/") == []
     finally:
         await bucket.close()
+
+
+async def test_a_feed_move_during_a_check_never_makes_a_private_name_public(
+    pair: tuple[Host, Host], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reader asks a remote store, then resolves. The feed moving in between
+    (another commit anywhere, a poll) must not turn the answer into "not
+    private": that would forward a private name upstream."""
+    a, b = pair
+    await a.add("acme_tool-1.0.tar.gz", b"one")
+    if b.feed is None:  # local: the disk answers at once, nothing to race
+        assert b.store.is_private(NAME)
+        return
+    records = b.store.records
+    learn = records.learn
+
+    async def feed_moves_meanwhile(name: NormalizedName) -> Any:
+        found = await learn(name)
+        assert b.feed is not None
+        b.feed.moved()
+        return found
+
+    monkeypatch.setattr(records, "learn", feed_moves_meanwhile)
+    assert b.store.needs_check(NAME)
+    assert await b.store.check(NAME)
+    assert b.store.is_private(NAME)
+    assert b.store.needs_check(NAME)  # and the next request asks again
