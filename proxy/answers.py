@@ -1,5 +1,6 @@
-"""What the read path hands the web layer: a rendered page, an open local file,
-or an upstream file to stream; and the pure steps from a page to what a client sees.
+"""What the read path hands the web layer: a rendered page, a stored file
+(storage.StoredFile), or an upstream file to stream; and the pure steps from a
+page to what a client sees.
 
 No I/O here beyond rendering in memory.
 """
@@ -11,15 +12,15 @@ import gzip
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, Literal
+from typing import Any
 
 from .config import Config
 from .download import Download
 from .guard import matures_at, too_young
 from .model import ProjectPage
 from .simple_api import Format, render
+from .storage import Source
 
-Source = Literal["private", "cache", "upstream"]
 _GZIP_MIN = 512
 
 
@@ -33,17 +34,6 @@ class Rendered:
     # The web layer's wire headers for this page, built on first use (per
     # variant: plain, gzip, 304): a warm page is answered thousands of times.
     wire: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class LocalFile:
-    """A file on disk, already open: an eviction or a delete after this point
-    cannot take it from the reader. Whoever gets one closes it."""
-
-    file: IO[bytes]
-    size: int
-    source: Source
-    sha256: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,12 +14,12 @@ import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 from aiohttp import web
 
 from . import __version__, web_admin, web_oidc, web_ops, web_simple, web_ui, web_upload
 from .auth import ANONYMOUS, OPEN_SCOPES, Authenticator, client_address
+from .backends import open_storage
 from .cache import ArtifactCache
 from .config import Config, ConfigError, load_config
 from .errors import NotFound, ProxyError, Unauthorized, UpstreamUnavailable
@@ -33,7 +33,7 @@ from .page_memory import PageMemory
 from .pagecache import PageCache
 from .publish import Publisher
 from .reader import Reader
-from .registry import LEGACY_INDEX, UpstreamSpec
+from .registry import UpstreamSpec
 from .replay import ReplayGuard
 from .state import (
     AUTH,
@@ -46,7 +46,6 @@ from .state import (
     TRUST,
     LiveConfig,
 )
-from .store import PrivateStore
 from .trust import TrustedPublishing
 from .ui_model import wants_html
 from .upstream import UpstreamClient
@@ -311,6 +310,7 @@ def _reload(app: web.Application) -> None:
         "listen.max_connections": (old.listen.max_connections, new.listen.max_connections),
         "data_dir": (old.data_dir, new.data_dir),
         "workers": (old.workers, new.workers),
+        "storage": (old.storage, new.storage),
         "cache.max_bytes": (old.cache.max_bytes, new.cache.max_bytes),
         "cache.memory_pages": (old.cache.memory_pages, new.cache.memory_pages),
         "log.access_log": (old.log.access_log, new.log.access_log),
@@ -330,12 +330,6 @@ async def _on_startup(app: web.Application) -> None:
     # Not possible outside the main thread (in-process tests): no reload there.
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, _reload, app)
-
-
-def store_root(data: Path, index: str) -> Path:
-    """Where an index's files live: the first version's private/ for `default`
-    (a config without `indexes` keeps its store), indexes/<name>/ otherwise."""
-    return data / "private" if index == LEGACY_INDEX else data / "indexes" / index
 
 
 def _mirror(
@@ -365,14 +359,8 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         [u.name for u in registry.upstreams],
         [g.name for g in registry.groups] + [f"index:{i.name}" for i in registry.indexes],
     )
-    stores = {spec.name: PrivateStore(store_root(data, spec.name), data / "tmp")
-              for spec in registry.indexes}
-    swept = 0
-    for store in stores.values():
-        swept += await asyncio.to_thread(store.open)
-    artifacts = ArtifactCache(data / "cache" / "files", data / "tmp", config.cache.max_bytes,
-                              metrics)
-    await asyncio.to_thread(artifacts.open)
+    storage = await open_storage(config, metrics)
+    artifacts, stores = storage.artifacts, storage.stores
     pages = await asyncio.to_thread(PageCache, data / "cache" / "pages")
     live = LiveConfig(config, config_path)
     names = UpstreamNames(data / "cache" / "upstream-names", data / "tmp", metrics,
@@ -391,8 +379,8 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     reader = Reader(stores, mirrors, memory, ledger, metrics, keep_renders)
     publishers = {name: Publisher(store, metrics, reader.upstream_has)
                   for name, store in stores.items()}
-    if swept:
-        log.info("removed temp files left by an earlier crash", extra={"count": swept})
+    if storage.swept:
+        log.info("removed temp files left by an earlier crash", extra={"count": storage.swept})
 
     app = web.Application(client_max_size=1024**2)
     app[CONFIG] = live
@@ -422,8 +410,13 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
         await names.start()
         await keysets.start()
         flusher = asyncio.create_task(flush_metrics())
+        # After start: a large cache never delays the first answer.
+        scan = asyncio.create_task(artifacts.scan())
+        storage.start()
         yield
         flusher.cancel()
+        scan.cancel()
+        await storage.stop()
         # Cache fills whose clients have gone get what is left of the shutdown
         # grace (at most 10 s); one cut off just leaves nothing in the cache.
         budget = 10.0
@@ -439,8 +432,7 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
             await mirror.client.close()
         await reader.flush()
         await asyncio.to_thread(pages.close)
-        for store in stores.values():
-            store.close()
+        await storage.close()
         await asyncio.to_thread(failures.close)
         metrics.flush()
 

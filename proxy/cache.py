@@ -30,11 +30,12 @@ from .config import redact_url
 from .download import CHUNK, Download
 from .errors import InsufficientStorage, NotFound, ProxyError, UpstreamUnavailable
 from .follow import follow
-from .fsutil import commit, temp_path
+from .fsutil import commit, open_sized, temp_path
 from .hashlock import HashLocks
 from .metrics import Metrics
 from .model import is_sha256
 from .sink import Sink
+from .storage import SharedFiles
 
 log = logging.getLogger("indexguard.cache")
 
@@ -46,8 +47,15 @@ PART_SUFFIX = ".part"
 class ArtifactCache:
     def __init__(
         self, root: Path, tmp_dir: Path, max_bytes: int, metrics: Metrics,
+        shared: SharedFiles | None = None, gauges: bool = True,
     ) -> None:
         self.root = root
+        # Whether this cache is the one the cache_bytes/cache_entries gauges describe.
+        self._gauges = gauges
+        # Replicas' shared tier (storage_s3): asked on a local miss, fed after
+        # each verified commit. None on one host.
+        self.shared = shared
+        self._pulls: dict[str, asyncio.Future[bool]] = {}
         self.tmp_dir = tmp_dir
         self.max_bytes = max_bytes
         self._metrics = metrics
@@ -70,24 +78,26 @@ class ArtifactCache:
         self._held_bytes = 0
 
     def open(self) -> None:
-        """Scan the cache (oldest first) to seed the LRU; remove partial downloads
-        nobody owns any more. Blocking: call at start."""
+        """Create the directories, take the lock file, remove partial downloads
+        nobody owns any more (tmp/ holds only transfers). Blocking: call at start.
+        The cached files are not read: scan() seeds the LRU in the background."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self._locks.open()
         self._sweep_parts()
-        found: list[tuple[float, str, int]] = []
-        for sub in os.scandir(self.root):
-            if sub.is_dir():
-                for entry in os.scandir(sub.path):
-                    # Only hash names: path_for refuses anything else.
-                    if entry.is_file() and is_sha256(entry.name):
-                        st = entry.stat()
-                        found.append((st.st_mtime, entry.name, st.st_size))
-        for _mtime, sha, size in sorted(found):
-            self._lru[sha] = size
-            self._bytes += size
-        self._publish()
+
+    async def scan(self) -> None:
+        """Seed the LRU from the disk (oldest first); in the background, so that a large cache never
+        delays the first answer. Files met meanwhile are already counted; the
+        cache may stay over max_bytes until the scan is done, then evicts."""
+        found = await asyncio.to_thread(_scan, self.root)
+        older = OrderedDict((sha, size) for _mtime, sha, size in sorted(found)
+                            if sha not in self._lru and sha not in self._evicting)
+        self._bytes += sum(older.values())
+        # Found before the scan: used since start, so more recent than the rest.
+        older.update(self._lru)
+        self._lru = older
+        self._evict()
 
     def close(self) -> None:
         """Drop this process's hash locks (its downloads must be over)."""
@@ -113,7 +123,46 @@ class ArtifactCache:
         if removed:
             log.info("removed partial downloads left by a crash", extra={"count": removed})
 
+    async def _pull(self, sha256: str, kind: str) -> bool:
+        """The file from the shared tier into this host's, once per hash at a time."""
+        assert self.shared is not None
+        flight = self._pulls.get(sha256)
+        if flight is None:
+            flight = asyncio.ensure_future(self._pull_once(sha256, kind))
+            self._pulls[sha256] = flight
+            flight.add_done_callback(lambda _f: self._pulls.pop(sha256, None))
+        return await asyncio.shield(flight)
+
+    async def _pull_once(self, sha256: str, kind: str) -> bool:
+        assert self.shared is not None
+        tmp = temp_path(self.tmp_dir, ".pull")
+        try:
+            size = await self.shared.fetch(kind, sha256, tmp, self.max_bytes)
+            if size is None:
+                return False
+            self._evict(room=size)
+            await asyncio.to_thread(commit, tmp, self.path_for(sha256))
+            self._admit(sha256, size)
+            return True
+        except ProxyError as exc:
+            log.warning("shared tier unavailable", extra={"reason": exc.reason})
+            return False
+        finally:
+            await asyncio.to_thread(tmp.unlink, True)
+
+    async def _share(self, sha256: str, path: Path) -> None:
+        assert self.shared is not None
+        try:
+            await self.shared.store("artifacts", sha256, path)
+        except FileNotFoundError:
+            pass  # evicted already; another replica may share it
+        except ProxyError as exc:
+            log.warning("verified file not shared", extra={"sha256": sha256,
+                                                            "reason": exc.reason})
+
     def _publish(self) -> None:
+        if not self._gauges:
+            return
         self._metrics.cache_bytes.set(self._bytes)
         self._metrics.cache_entries.set(len(self._lru))
 
@@ -128,10 +177,13 @@ class ArtifactCache:
             raise NotFound("No valid sha256 for this file; the proxy serves verified files only")
         return self.root / sha256[:2] / sha256
 
-    async def open_cached(self, sha256: str) -> tuple[IO[bytes], int] | None:
-        """The committed file for a hash, open, and its size; None if not cached.
-        Marks it recently used. Raises NotFound for a sha256 that is not 64
-        lowercase hex digits.
+    async def open_cached(
+        self, sha256: str, kind: str = "artifacts",
+    ) -> tuple[IO[bytes], int] | None:
+        """The committed file for a hash, open, and its size; None if not cached
+        here nor in the shared tier (`kind` names its part there). Marks it
+        recently used. Raises NotFound for a sha256 that is not 64 lowercase
+        hex digits.
 
         Opened, not named: once a reader has it, an eviction (of this process
         or another worker's) unlinking the name cannot turn it into a 404.
@@ -145,7 +197,12 @@ class ArtifactCache:
             if sha256 in self._lru:
                 self._bytes -= self._lru.pop(sha256)
                 self._publish()
-            return None
+            if self.shared is None or not await self._pull(sha256, kind):
+                return None
+            try:
+                fh, size = await asyncio.to_thread(open_sized, path)
+            except FileNotFoundError:  # evicted at once: the cache is tiny
+                return None
         if sha256 in self._lru:
             self._lru.move_to_end(sha256)
         elif sha256 not in self._evicting:  # committed by another worker process
@@ -404,6 +461,10 @@ class ArtifactCache:
                         extra={"url": redact_url(url), "error": exc.strerror})
             return False
         self._admit(dl.sha256, dl.written)
+        if self.shared is not None:
+            task = asyncio.create_task(self._share(dl.sha256, dl.final))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return True
 
     def _admit(self, sha256: str, size: int) -> None:
@@ -454,14 +515,19 @@ def _check_size(dl: Download, size: int | None) -> None:
         )
 
 
-def open_sized(path: Path) -> tuple[IO[bytes], int]:
-    """A file opened for reading (unbuffered, for sendfile) and its size."""
-    fh = open(path, "rb", buffering=0)  # noqa: SIM115 - the reader closes it
-    try:
-        return fh, os.fstat(fh.fileno()).st_size
-    except OSError:
-        fh.close()
-        raise
+def _scan(root: Path) -> list[tuple[float, str, int]]:
+    found: list[tuple[float, str, int]] = []
+    for sub in os.scandir(root):
+        if sub.is_dir():
+            for entry in os.scandir(sub.path):
+                # Only hash names: path_for refuses anything else.
+                if entry.is_file() and is_sha256(entry.name):
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue  # evicted meanwhile
+                    found.append((st.st_mtime, entry.name, st.st_size))
+    return found
 
 
 def _size_of(path: Path) -> int | None:

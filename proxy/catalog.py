@@ -13,12 +13,10 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from packaging.utils import NormalizedName
 
 from .answers import visible
-from .cache import open_sized
 from .config import Config
 from .description import Description, Renderings, render_metadata
 from .dists import METADATA_SUFFIX
@@ -29,6 +27,7 @@ from .model import ProjectPage
 from .reader import Reader, View
 from .registry import GroupSpec
 from .resolve import Private, Upstreams, resolve
+from .storage import LocalFile, RedirectFile, StoredFile, StreamedFile
 from .store import PrivateStore
 from .ui_model import Explanation, Known, VersionView, explain, newest_upload, versions_of
 
@@ -147,11 +146,11 @@ class Catalog:
             return description
         # Read from the store as the reader does, but not through Reader.file():
         # that would count a guard decision (and maybe a collision) per page view.
-        path = store.file_path(name, entry.filename + METADATA_SUFFIX)
-        try:
-            raw = await asyncio.to_thread(_read_all, path)
-        except FileNotFoundError:  # deleted meanwhile
+        opened = await store.open_file(name, entry.filename + METADATA_SUFFIX,
+                                       entry.metadata_hashes.get("sha256"))
+        if opened is None:  # deleted meanwhile
             return None
+        raw = await _read_all(opened)
         description = await asyncio.to_thread(render_metadata, raw)
         self.renderings.put(key, description)
         return description
@@ -193,11 +192,17 @@ class Catalog:
         return out
 
 
-def _read_all(path: Path) -> bytes:
-    fh, size = open_sized(path)
-    with fh:
-        # At most 16 MiB: publish.py bounds the METADATA it stores.
-        return fh.read(size)
+async def _read_all(opened: StoredFile | RedirectFile) -> bytes:
+    """A stored metadata file's bytes: at most 16 MiB (publish.py bounds the
+    METADATA it stores), from this host's copy or streamed from the store."""
+    if isinstance(opened, LocalFile):
+        def read() -> bytes:
+            with opened.file as fh:
+                return fh.read(opened.size)
+        return await asyncio.to_thread(read)
+    if isinstance(opened, StreamedFile):
+        return b"".join([chunk async for chunk in opened.read(0, opened.size)])
+    return b""  # a redirect is only handed out when asked for
 
 
 def _shown(

@@ -35,6 +35,7 @@ from .config import SCOPES, Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
 from .metrics import MULTIPROC_ENV
 from .minted import KeyFileError, load_key
+from .s3_bucket import Bucket, StoreRefused, probe
 
 log = logging.getLogger("indexguard")
 EXIT_CONFIG = 2
@@ -132,12 +133,36 @@ class CannotListen(Exception):
     """The address is taken or not ours: one line to stderr, exit 1."""
 
 
+def _refused_store(config: Config) -> str | None:
+    """Why the store cannot be used (storage.s3's probe), or None. Each worker
+    probes again when it opens the store."""
+    if config.storage.backend != "s3":
+        return None
+
+    async def probe_once() -> None:
+        bucket = Bucket(config.storage.s3)
+        await bucket.open()
+        try:
+            await probe(bucket)
+        finally:
+            await bucket.close()
+
+    try:
+        asyncio.run(probe_once())
+    except StoreRefused as exc:
+        return str(exc)
+    return None
+
+
 def _run_worker(config: Config, path: str | None, reuse_port: bool) -> int:
     try:
         asyncio.run(_serve_until_signal(config, path, reuse_port))
     except CannotListen as exc:
         print(exc, file=sys.stderr)
         return 1
+    except StoreRefused as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 
@@ -424,6 +449,10 @@ def serve(path: str | None, host: str | None, port: int | None, argv: Sequence[s
     if os.environ.get(WORKER_ENV):
         return _run_worker(config, path, reuse_port=True)
     if config.worker_count > 1:
+        refused = _refused_store(config)
+        if refused is not None:  # said once, before any worker starts
+            print(refused, file=sys.stderr)
+            return EXIT_CONFIG
         return _supervise(config, list(argv), config.worker_count)
     return _run_worker(config, path, reuse_port=False)
 

@@ -39,6 +39,7 @@ from .registry import (
 SCOPES = ("read", "write", "admin", "metrics")
 COLLISION_POLICIES = ("reject", "warn", "allow")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+STORAGE_BACKENDS = ("local", "s3")
 PUBLIC_PYPI = "https://pypi.org/simple/"
 # Where the public PyPI's pages point for files (upstream.file_hosts' default for it).
 PUBLIC_PYPI_FILES = "files.pythonhosted.org"
@@ -178,6 +179,26 @@ class Log:
 
 
 @dataclass(frozen=True, slots=True)
+class S3:
+    bucket: str = ""
+    # Prepended to every key ("prod/"): several deployments may share a bucket.
+    prefix: str = ""
+    # None: AWS itself; an http(s) URL for MinIO, SeaweedFS, moto.
+    endpoint_url: str | None = None
+    region: str | None = None
+    # Seconds a presigned URL for a file GET is valid; 0: files stream through
+    # the replica (the default).
+    redirect_ttl: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    # local: everything under data_dir (one host); s3: replicas share a bucket.
+    backend: str = "local"
+    s3: S3 = field(default_factory=S3)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
     workers: int = 1
@@ -188,6 +209,7 @@ class Config:
     auth: Auth = field(default_factory=Auth)
     guard: Guard = field(default_factory=Guard)
     log: Log = field(default_factory=Log)
+    storage: Storage = field(default_factory=Storage)
     source: str = "<embedded default>"
     # The keys indexes, upstreams, groups and gitlab as given (all absent: today's shape).
     layout: Layout = field(default_factory=Layout)
@@ -853,9 +875,10 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
         raw = {}
     top = r.section(raw, "", {
         "listen", "workers", "data_dir", "upstream", "cache", "limits", "auth", "guard", "log",
-        "indexes", "upstreams", "groups", "gitlab",
+        "indexes", "upstreams", "groups", "gitlab", "storage",
     })
     d = Config()
+    storage = _storage(r, top)
 
     s = r.section(top.get("listen", {}), "listen",
                   {"host", "port", "trusted_proxies", "max_connections"})
@@ -948,8 +971,55 @@ def build_config(raw: Any, source: str = "<embedded default>") -> Config:
     return Config(
         listen=listen, workers=workers, data_dir=Path(data_dir), upstream=upstream,
         cache=cache, limits=limits, auth=auth, guard=guard, log=log, source=source,
-        layout=layout,
+        layout=layout, storage=storage,
     )
+
+
+def _storage(r: _Reader, top: Mapping[str, Any]) -> Storage:
+    s = r.section(top.get("storage", {}), "storage", {"backend", "s3"})
+    backend = r.get(s, "storage.", "backend", "local", _choice(STORAGE_BACKENDS))
+    raw = s.get("s3")
+    if raw is None:
+        if backend == "s3":
+            r.problems.append("storage.s3: required with storage.backend: s3 (bucket, region)")
+        return Storage(backend)
+    b = r.section(raw, "storage.s3",
+                  {"bucket", "prefix", "endpoint_url", "region", "redirect_ttl"})
+    s3 = S3(
+        bucket=r.get(b, "storage.s3.", "bucket", "", _bucket),
+        prefix=r.get(b, "storage.s3.", "prefix", "", _key_prefix),
+        endpoint_url=r.get(b, "storage.s3.", "endpoint_url", None, _optional(_endpoint)),
+        region=r.get(b, "storage.s3.", "region", None, _optional(_str)),
+        redirect_ttl=r.get(b, "storage.s3.", "redirect_ttl", 0, _int_range(0, 3600)),
+    )
+    if backend == "s3" and not s3.bucket:
+        r.problems.append("storage.s3.bucket: required with storage.backend: s3")
+    return Storage(backend, s3)
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _bucket(value: Any) -> str:
+    if not isinstance(value, str) or not _BUCKET.fullmatch(value):
+        raise ValueError("expected an S3 bucket name (3-63 of a-z, 0-9, '.', '-')")
+    return value
+
+
+def _key_prefix(value: Any) -> str:
+    if not isinstance(value, str) or value.startswith("/") or "\x00" in value:
+        raise ValueError("expected a key prefix such as 'prod/' (no leading '/')")
+    if ".." in value.split("/") or len(value) > 512:
+        raise ValueError("expected a key prefix such as 'prod/' (no '..' part, at most 512)")
+    return value
+
+
+def _endpoint(value: Any) -> str:
+    url = _url(value)
+    if "@" in urlsplit(url).netloc:
+        raise ValueError("credentials come from the AWS chain (environment, profile, "
+                         "role), never from endpoint_url")
+    return url.rstrip("/")
 
 
 def _realm(value: Any) -> str:

@@ -78,6 +78,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def open_sized(path: Path) -> tuple[IO[bytes], int]:
+    """A file opened for reading (unbuffered, for sendfile) and its size."""
+    fh = open(path, "rb", buffering=0)  # noqa: SIM115 - the reader closes it
+    try:
+        return fh, os.fstat(fh.fileno()).st_size
+    except OSError:
+        fh.close()
+        raise
+
+
 def commit(tmp: Path, final: Path) -> None:
     """Make a fully written, fsynced temp file visible under its final name."""
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,12 @@ class Generation:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def bump(self) -> None:
+        """Move the counter by one whole write (readers forget what they kept).
+        Blocking: call from a worker thread."""
+        with self.writing():
+            pass
+
     def close(self) -> None:
         self._map.close()
         os.close(self._fd)

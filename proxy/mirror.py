@@ -20,7 +20,7 @@ from typing import Any
 from packaging.utils import NormalizedName
 from yarl import URL
 
-from .answers import LocalFile, Prerendered, RemoteFile, render_page, visible
+from .answers import Prerendered, RemoteFile, render_page, visible
 from .cache import ArtifactCache
 from .config import Config
 from .dists import METADATA_SUFFIX
@@ -34,6 +34,7 @@ from .pagecache import CachedPage, PageCache
 from .registry import UpstreamSpec
 from .simple_api import Format, PageParseError, upstream_page_url
 from .simple_api import parse_page as parse_any_page
+from .storage import LocalFile, RedirectFile, StoredFile
 from .upstream import UpstreamClient, refusal
 
 log = logging.getLogger("indexguard.index")
@@ -282,7 +283,8 @@ class Mirror:
 
     async def file(
         self, name: NormalizedName, filename: str, entry: FileEntry, config: Config,
-    ) -> LocalFile | RemoteFile:
+        redirect: bool = False,
+    ) -> StoredFile | RedirectFile | RemoteFile:
         """Where the bytes of a file listed on this upstream's page come from.
         Raises NotFound (no valid sha256), UpstreamUnavailable (a refused URL)."""
         is_meta = filename.endswith(METADATA_SUFFIX)
@@ -292,6 +294,12 @@ class Mirror:
             raise NotFound(
                 f"{filename} has no sha256 upstream; the proxy serves verified files only"
             )
+        shared = self.artifacts.shared
+        if redirect and shared is not None:
+            url = await shared.presign("artifacts", sha256)
+            if url is not None:
+                self.metrics.count(self.metrics.file_cache, "hit")
+                return RedirectFile(url, None if is_meta else entry.size, "cache", sha256)
         opened = await self.artifacts.open_cached(sha256)
         if opened is not None:
             self.metrics.count(self.metrics.file_cache, "hit")

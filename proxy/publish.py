@@ -256,11 +256,11 @@ class Publisher:
         """guard.upload_collision for a name that exists upstream and is new here."""
         policy = config.guard.upload_collision
         if (
-            self.store.is_private(name)
-            or policy == "allow"
+            policy == "allow"
             or matches_any(name, config.guard.allow_shadow)
             or matches_any(name, config.guard.private_only)
             or not config.upstream.forward
+            or await self.store.private(name)
         ):
             return
         exists = await self._upstream_has(name, config)

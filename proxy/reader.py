@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 from packaging.utils import NormalizedName
 
-from .answers import LocalFile, RemoteFile, Rendered, Source, render_page, visible
-from .cache import open_sized
+from .answers import RemoteFile, Rendered, render_page, visible
 from .config import Config
 from .dists import METADATA_SUFFIX
 from .errors import NotFound, UpstreamUnavailable
@@ -33,6 +32,7 @@ from .pagecache import CachedPage
 from .registry import GroupSpec, Member, UpstreamSpec
 from .resolve import ForwardOff, Missing, Private, Reserved, Resolution, Upstreams, resolve
 from .simple_api import Format
+from .storage import RedirectFile, Source, StoredFile
 from .store import PrivateStore
 
 guard_log = logging.getLogger("indexguard.guard")
@@ -78,6 +78,7 @@ class Reader:
         self._memo_config: Config | None = None
         # /i/<index>/ views as groups of one member, made once.
         self._alone: dict[str, GroupSpec] = {}
+        self._remote = any(store.records.remote for store in stores.values())
 
     # --- resolution --------------------------------------------------------------
 
@@ -97,6 +98,22 @@ class Reader:
         if group is None:
             raise NotFound(f"No group named {view.name}")
         return group
+
+    async def _ask_stores(self, name: NormalizedName, view: View, config: Config) -> None:
+        """A remote store asked whether the name is private there, when nothing
+        fresh is remembered (guard across replicas). Never for a local store."""
+        for index in self.group_of(view, config).index_names:
+            store = self.stores.get(index)
+            if store is not None and store.needs_check(name):
+                await store.check(name)
+
+    def _stores_unsure(self, name: NormalizedName, view: View, config: Config) -> bool:
+        if not self._remote:
+            return False
+        return any(
+            store.needs_check(name) for index in self.group_of(view, config).index_names
+            if (store := self.stores.get(index)) is not None
+        )
 
     def resolve(
         self, name: NormalizedName, view: View, config: Config, client: str,
@@ -183,6 +200,8 @@ class Reader:
         view: View,
     ) -> Rendered:
         """The page for a name in one format. Raises NotFound, UpstreamUnavailable."""
+        if self._stores_unsure(name, view, config):
+            await self._ask_stores(name, view, config)
         resolution = self.resolve(name, view, config, client)
         now = time.time()
         if isinstance(resolution, Private):
@@ -269,26 +288,34 @@ class Reader:
 
     async def file(
         self, name: NormalizedName, filename: str, config: Config, client: str,
-        view: View,
-    ) -> LocalFile | RemoteFile:
+        view: View, redirect: bool = False,
+    ) -> StoredFile | RedirectFile | RemoteFile:
         """Where a file's bytes come from: a file already open, or a transfer
-        to start. Only the member that answers the name in the view is asked.
-        Raises NotFound, UpstreamUnavailable."""
+        to start; with redirect (a GET, storage.s3.redirect_ttl on), maybe a
+        presigned URL. Only the member that answers the name in the view is
+        asked. Raises NotFound, UpstreamUnavailable."""
         is_meta = filename.endswith(METADATA_SUFFIX)
         dist_name = filename[: -len(METADATA_SUFFIX)] if is_meta else filename
+        if self._stores_unsure(name, view, config):
+            await self._ask_stores(name, view, config)
         resolution = self.resolve(name, view, config, client)
         if isinstance(resolution, Private):
             store = self.stores[resolution.index.name]
             page = await store.page(name)
             entry = page.file(dist_name) if page is not None else None
+            if entry is None and store.records.remote:
+                # Listed on a page another replica served a moment ago, before
+                # this one's feed moved: ask the bucket before a 404.
+                page = await store.page(name, fresh=True)
+                entry = page.file(dist_name) if page is not None else None
             if entry is None or (is_meta and not entry.has_metadata):
                 raise NotFound(f"No file {filename} in private project {name}")
             hashes = entry.metadata_hashes if is_meta else entry.hashes
-            try:
-                fh, size = await asyncio.to_thread(open_sized, store.file_path(name, filename))
-            except FileNotFoundError:  # deleted since the page was read
-                raise NotFound(f"No file {filename} in private project {name}") from None
-            return LocalFile(fh, size, "private", (hashes or {}).get("sha256"))
+            stored = await store.open_file(name, filename, (hashes or {}).get("sha256"),
+                                           redirect)
+            if stored is None:  # deleted since the page was read
+                raise NotFound(f"No file {filename} in private project {name}")
+            return stored
         # A name that became private or reserved after its files were cached is
         # refused here, before the cache is consulted.
         self._refuse(resolution)
@@ -298,7 +325,7 @@ class Reader:
         min_age = mirror.settings(config).min_age
         if entry is None or too_young(entry, name, config, time.time(), min_age):
             raise NotFound(f"No file {dist_name} for {name} upstream")
-        return await mirror.file(name, filename, entry, config)
+        return await mirror.file(name, filename, entry, config, redirect)
 
     async def _answering_page(
         self, name: NormalizedName, filename: str, candidates: Upstreams, config: Config,

@@ -14,7 +14,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from packaging.utils import NormalizedName
 
-from .answers import LocalFile, RemoteFile, Rendered
+from .answers import RemoteFile, Rendered
 from .auth import ANONYMOUS
 from .config import Config
 from .dists import METADATA_SUFFIX, guess_project, is_safe_filename, name_from_url
@@ -28,6 +28,7 @@ from .reader import view as view_
 from .resolve import may_read_group, may_read_index
 from .simple_api import negotiate, render_root_html, render_root_json
 from .state import CONFIG, IDENTITY, METRICS, READER
+from .storage import LocalFile, RedirectFile, StoredFile, StreamedFile
 
 log = logging.getLogger("indexguard.web")
 
@@ -222,7 +223,8 @@ async def _project_file(request: web.Request, raw: str, filename: str) -> web.St
         raise web.HTTPMovedPermanently(f"../{quote(name)}/{quote(filename)}")
     config = request.app[CONFIG].current
     view = view_of(request, config)
-    source = await request.app[READER].file(name, filename, config, _client(request), view)
+    source = await request.app[READER].file(name, filename, config, _client(request), view,
+                                            redirect=request.method == "GET")
     return await _answer_file(request, filename, source)
 
 
@@ -239,7 +241,8 @@ async def gitlab_file(request: web.Request) -> web.StreamResponse:
     _check_file_name(filename)
     config = request.app[CONFIG].current
     view = view_of(request, config)
-    source = await request.app[READER].file(project, filename, config, _client(request), view)
+    source = await request.app[READER].file(project, filename, config, _client(request), view,
+                                            redirect=request.method == "GET")
     if source.sha256 != key:
         if isinstance(source, LocalFile):
             await asyncio.to_thread(source.file.close)
@@ -248,7 +251,7 @@ async def gitlab_file(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer_file(
-    request: web.Request, filename: str, source: LocalFile | RemoteFile,
+    request: web.Request, filename: str, source: StoredFile | RedirectFile | RemoteFile,
 ) -> web.StreamResponse:
     metrics = request.app[METRICS]
     credentialed = request.get(IDENTITY, ANONYMOUS) is not ANONYMOUS
@@ -271,6 +274,19 @@ async def _answer_file(
             return await _send_file(request, source, headers, metrics)
         finally:
             await asyncio.to_thread(source.file.close)
+    if isinstance(source, RedirectFile):
+        request[CACHE_OUTCOME] = source.source
+        if _etag_matches(request, (headers["ETag"],)):
+            return web.Response(status=304, headers=headers)
+        # The URL expires soon and carries a signature: no cache keeps it.
+        # pip and uv follow it without sending this index's credentials.
+        return web.Response(status=302, headers={
+            "Location": source.url, "Cache-Control": "private, no-store", **_NOSNIFF})
+    if isinstance(source, StreamedFile):
+        request[CACHE_OUTCOME] = source.source
+        if _etag_matches(request, (headers.get("ETag", ""),)):
+            return web.Response(status=304, headers=headers)
+        return await _send_stored_stream(request, source, headers, metrics)
     request[CACHE_OUTCOME] = "upstream"
     if _etag_matches(request, (headers["ETag"],)):
         return web.Response(status=304, headers=headers)
@@ -337,6 +353,51 @@ async def _send_file(
             transport.abort()
             return response
         metrics.count(metrics.bytes_served, local.source, amount=stop - start)
+    await response.write_eof()
+    return response
+
+
+async def _send_stored_stream(
+    request: web.Request, stored: StreamedFile, headers: dict[str, str], metrics: Metrics,
+) -> web.StreamResponse:
+    """A stored file with no copy on this host (see storage.StreamedFile): 200,
+    206 or 416 as for a file on disk, its bytes streamed from the store."""
+    status, start, stop = 200, 0, stored.size
+    if _wants_range(request, headers.get("ETag")):
+        wanted = parse_range(request.headers["Range"], stored.size)
+        if wanted is None:
+            return _unsatisfiable(headers, stored.size)
+        (start, stop), status = wanted, 206
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{stored.size}"
+    headers["Content-Length"] = str(stop - start)
+    if request.method == "HEAD" or stop <= start:
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    chunks = stored.read(start, stop)
+    sent = 0
+    try:
+        first = await anext(chunks, b"")  # a store failure before any byte: a clean 502
+        response = web.StreamResponse(status=status, headers=headers)
+        await response.prepare(request)
+        try:
+            piece = first
+            while piece:
+                await response.write(piece)
+                sent += len(piece)
+                piece = await anext(chunks, b"")
+        except ProxyError as exc:
+            # Headers are out: cut the connection (pip and uv report a failed download).
+            log.warning("store transfer failed mid-stream",
+                        extra={"path": request.path, "reason": exc.reason})
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        finally:
+            metrics.count(metrics.bytes_served, stored.source, amount=sent)
+    finally:
+        await chunks.aclose()
     await response.write_eof()
     return response
 

@@ -77,3 +77,26 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     served = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(bad_file)],
                             cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert served.returncode == 2 and "upstream.colour" in served.stderr
+
+
+def test_storage_section_is_the_replicas_contract() -> None:
+    """storage: {backend: s3, s3: {bucket, prefix, endpoint_url, region}}; the rest refused."""
+    config = build_config({"storage": {"backend": "s3", "s3": {
+        "bucket": "indexguard", "prefix": "prod/", "endpoint_url": "http://127.0.0.1:9000/",
+        "region": "us-east-1"}}})
+    assert config.storage.backend == "s3"
+    assert config.storage.s3.bucket == "indexguard" and config.storage.s3.prefix == "prod/"
+    assert config.storage.s3.endpoint_url == "http://127.0.0.1:9000"
+    assert config.storage.s3.redirect_ttl == 0
+    assert build_config({}).storage.backend == "local"
+    with pytest.raises(ConfigError) as bad:
+        build_config({"storage": {"backend": "s3", "s3": {
+            "bucket": "Bad_Bucket", "endpoint_url": "http://key:secret@minio:9000",
+            "prefix": "/abs", "redirect_ttl": 7200, "credentials": "x"}}})
+    problems = "\n".join(bad.value.problems)
+    for key in ("bucket", "endpoint_url", "prefix", "redirect_ttl", "credentials"):
+        assert f"storage.s3.{key}:" in problems
+    assert "secret" not in problems
+    with pytest.raises(ConfigError) as missing:
+        build_config({"storage": {"backend": "s3"}})
+    assert missing.value.problems[0].startswith("storage.s3:")

@@ -8,12 +8,13 @@ from pathlib import Path
 PROXY = Path(__file__).resolve().parents[1] / "proxy"
 # Top to bottom, the way a request travels; a module may import only later ones.
 ORDER = [
-    "__main__", "cli", "app", "web_ui", "web_simple", "web_upload", "web_admin", "web_ops",
-    "web_oidc", "state", "logs", "catalog", "ui_model", "description", "reader", "mirror",
-    "page_memory", "answers", "publish", "guard", "resolve",
+    "__main__", "cli", "app", "backends", "web_ui", "web_simple", "web_upload", "web_admin",
+    "web_ops", "web_oidc", "state", "logs", "catalog", "ui_model", "description", "reader",
+    "mirror", "page_memory", "answers", "publish", "guard", "resolve",
     "upstream_names", "auth", "trust", "jwks", "replay", "minted", "oidc", "login_limit",
     "cache", "pagecache", "follow", "sink",
-    "download", "upstream", "metrics", "store", "generation", "hashlock", "fsutil", "config",
+    "download", "upstream", "metrics", "store", "storage_local", "storage_s3", "s3_bucket",
+    "storage", "generation", "hashlock", "fsutil", "config",
     "registry", "patterns", "simple_api", "distcheck", "dists", "model", "errors",
 ]
 WEB_ALLOWED = {"cli", "app", "state", "logs", "web_ui", "web_simple", "web_upload", "web_admin",
@@ -65,4 +66,21 @@ def test_imports_point_down_only() -> None:
 
 def test_only_the_web_layer_imports_aiohttp_web() -> None:
     offenders = [m for m in ORDER if _imports(m)[1] and m not in WEB_ALLOWED]
+    assert not offenders
+
+
+# The one-host mechanisms (flock, byte-range locks, a mapped counter) stay in the
+# local backend's modules; everything above them goes through storage.py.
+ONE_HOST = {"storage_local", "generation", "hashlock", "upstream_names"}
+
+
+def test_fcntl_and_mmap_stay_in_the_local_backend() -> None:
+    offenders = []
+    for module in ORDER:
+        tree = ast.parse((PROXY / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] in ("fcntl", "mmap") for n in names) and module not in ONE_HOST:
+                offenders.append(module)
     assert not offenders
