@@ -95,7 +95,8 @@ class Ctx:
 
     def targets(self, include_log: bool = False) -> list[str]:
         return [n for n in self.proxies
-                if (include_log or not n.endswith("-log")) and not n.endswith("-group")]
+                if (include_log or not n.endswith("-log"))
+                and not n.endswith(("-group", "-s3"))]
 
     def with_baseline(self, names: list[str]) -> list[str]:
         return (["nginx"] if self.baseline else []) + names
@@ -169,6 +170,30 @@ def group_pages(ctx: Ctx) -> None:
         workers = {name: srv.worker_pids() for name, srv in started.items()}
         for fmt, accept in (("HTML", loadgen.HTML_ACCEPT), ("JSON", loadgen.JSON_ACCEPT)):
             _warm_page(ctx, f"group page, 50-file {fmt}", started, workers, FIFTY, accept)
+
+
+def s3_mode(ctx: Ctx) -> None:
+    """Issue 12: warm pages and a warm cached file with the store on S3, side by side
+    with the local store in the same runs (the replica's local tier serves both)."""
+    names = [n for n in ("indexguard-w1", "indexguard-w1-s3") if n in ctx.proxies]
+    with _all_started(ctx, names) as started:
+        workers = {name: srv.worker_pids() for name, srv in started.items()}
+        for fmt, accept in (("HTML", loadgen.HTML_ACCEPT), ("JSON", loadgen.JSON_ACCEPT)):
+            _warm_page(ctx, f"s3 page, 50-file {fmt}", started, workers, FIFTY, accept)
+        fig = f"s3 cached file {ctx.ds.big_size / 1e6:.0f} MB, 16 conns"
+        urls: dict[str, str] = {}
+        for name, srv in started.items():
+            with ctx.guard(f"{fig} on {name}"):
+                url = file_url(srv, ctx.ds.big_project, ctx.ds.big_filename)
+                got = loadgen.curl_parallel(url, 1)
+                assert got.sizes == [ctx.ds.big_size], f"{name}: bad download {got}"
+                urls[name] = url
+        for _ in range(ctx.runs):
+            for name, url in urls.items():
+                with ctx.guard(f"{fig} on {name}"):
+                    ctx.res.add(fig, "MiB/s", name, _download_rate(url, ctx))
+        ctx.log(f"  {fig}: " + ", ".join(
+            f"{n} {ctx.res.median(fig, 'MiB/s', n) or 0:.0f}" for n in urls))
 
 
 def _warm_page(ctx: Ctx, fig: str, started: dict[str, Server], workers: dict[str, list[int]],
@@ -412,6 +437,7 @@ def rss_pages(ctx: Ctx) -> None:
 FIGURES: dict[str, Callable[[Ctx], None]] = {
     "pages": pages,
     "group": group_pages,
+    "s3": s3_mode,
     "file": cached_file,
     "uv": uv_install,
     "cold": cold_concurrency,

@@ -66,6 +66,9 @@ def _proxies(upstream: str, smoke: bool, with_peers: bool, source: Path | None,
     }
     # Issue 11: the same page through a group of five indexes and two upstreams.
     out["indexguard-w1-group"] = partial(ig, workers=1, group=True)
+    # Issue 12: the same server with its store on S3 (moto on loopback).
+    if servers.PROXY_PYTHON.with_name("moto_server").exists():
+        out["indexguard-w1-s3"] = partial(ig, workers=1, s3=True)
     if not smoke:
         out["indexguard-w2"] = partial(ig, workers=2)
         out["indexguard-w1-log"] = partial(ig, workers=1, access_log=True)

@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -300,12 +301,46 @@ def group_layout(upstream: str) -> dict[str, object]:
     }
 
 
+class MotoS3(Server):
+    """moto's S3 server on loopback with one bucket: the store of an -s3 indexguard."""
+
+    name = "moto"
+    bucket = "indexguard-bench"
+    env: ClassVar[dict[str, str]] = {
+        "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+    def start(self) -> None:
+        moto = PROXY_PYTHON.with_name("moto_server")
+        self._spawn([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], self.env)
+        assert self.proc is not None
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                req = urllib.request.Request(f"{self.base}/{self.bucket}", method="PUT")
+                with urllib.request.urlopen(req, timeout=5):
+                    return
+            except urllib.error.HTTPError as err:
+                if err.code == 409:  # already there
+                    return
+                raise
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+
+    def storage(self) -> dict[str, object]:
+        return {"backend": "s3", "s3": {"bucket": self.bucket, "endpoint_url": self.base,
+                                        "region": "us-east-1", "prefix": "bench/"}}
+
+
 class Indexguard(Server):
     name = "indexguard"
 
     def __init__(self, work: Path, upstream: str, workers: int = 1,
                  access_log: bool = False, source: Path | None = None,
-                 group: bool = False) -> None:
+                 group: bool = False, s3: bool = False) -> None:
         super().__init__(work)
         self.upstream = upstream
         self.workers = workers
@@ -313,8 +348,10 @@ class Indexguard(Server):
         self.source = source  # a directory holding another `proxy` package to run instead
         # The issue-11 shape: five private indexes and two upstreams in one group.
         self.group = group
+        # Issue 12: private files and artifacts in a bucket on moto's S3 server.
+        self.s3 = MotoS3(work / "moto") if s3 else None
         self.name = (f"indexguard-w{workers}" + ("-log" if access_log else "")
-                     + ("-group" if group else ""))
+                     + ("-group" if group else "") + ("-s3" if s3 else ""))
 
     def start(self) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -332,9 +369,13 @@ class Indexguard(Server):
         }
         if self.group:
             config.update(group_layout(self.upstream))
+        env = {"PYTHONPATH": str(self.source)} if self.source else {}
+        if self.s3 is not None:
+            self.s3.start()
+            config["storage"] = self.s3.storage()
+            env.update(self.s3.env)
         path = self.work / "config.yaml"
         path.write_text(json.dumps(config))  # JSON is YAML
-        env = {"PYTHONPATH": str(self.source)} if self.source else None
         self._spawn([str(PROXY_PYTHON), "-m", "proxy", "serve", "--config", str(path)], env)
         assert self.proc is not None
         wait_http(self.base + "/-/health", self.proc)
@@ -343,6 +384,11 @@ class Indexguard(Server):
             while len(children(self.proc.pid)) < self.workers and time.monotonic() < deadline:
                 time.sleep(0.1)
             time.sleep(0.5)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.s3 is not None:
+            self.s3.stop()
 
     @property
     def upload_url(self) -> str:

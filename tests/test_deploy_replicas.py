@@ -6,12 +6,23 @@ deployment creates."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from proxy.config import build_config
+from tests.conftest import MakeProxy
+from tests.faults.helpers import auth_config, call, eventually, upload
+from tests.support.artifacts import build_wheel
+from tests.support.clients import pip_install
+from tests.support.s3 import Bucket
+from tests.support.server import free_port
+from tests.support.upstream import FakeUpstream
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COMPOSE = DEPLOY / "docker-compose.replicas.yml"
@@ -73,3 +84,77 @@ def test_kubernetes_replicas_take_the_bucket_from_a_secret() -> None:
     assert "storage" not in docs["ConfigMap"]["data"]["config.yaml"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+# ---------------------------------------------------------------- the balancer, for real
+
+Balancer = Callable[[list[int]], str]
+
+
+@pytest.fixture
+def balancer(tmp_path: Path) -> Iterator[Balancer]:
+    """Real nginx running deploy/nginx-replicas.conf, its replicas pointed at loopback ports."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed (.ci/run installs nginx-light)")
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(ports: list[int]) -> str:
+        targets = iter(ports)
+        conf = re.sub(r"server indexguard-\d+:8080",
+                      lambda _m: f"server 127.0.0.1:{next(targets)}", NGINX.read_text())
+        listen = free_port()
+        conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{listen};")
+        prefix = tmp_path / "nginx"
+        (prefix / "logs").mkdir(parents=True)
+        # The file is an http-level snippet (conf.d/), as the nginx image includes it.
+        (prefix / "nginx.conf").write_text(
+            f"daemon off;\nuser root;\npid {prefix / 'nginx.pid'};\n"
+            f"events {{ worker_connections 1024; }}\nhttp {{\n{conf}\n}}\n")
+        proc = subprocess.Popen(
+            ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
+             "-e", str(prefix / "logs" / "error.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        procs.append(proc)
+        url = f"http://127.0.0.1:{listen}"
+        assert eventually(lambda: _answers(url), timeout=10), (
+            (prefix / "logs" / "error.log").read_text(errors="replace"))
+        return url
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return call(url + "/-/health", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def test_the_balancer_config_serves_two_replicas_on_one_bucket(
+    make_proxy: MakeProxy, s3_bucket: Bucket, upstream: FakeUpstream, balancer: Balancer,
+    artifacts_dir: Path, tmp_path: Path,
+) -> None:
+    config: dict[str, Any] = auth_config()
+    config["storage"] = s3_bucket.storage_config()
+    config["upstream"] = {"url": upstream.url}
+    config["listen"] = {"trusted_proxies": ["127.0.0.1/32"]}
+    replicas = [make_proxy(config, env=s3_bucket.env()) for _ in range(2)]
+    url = balancer([r.port for r in replicas])
+    versions = ("1.0", "1.1", "1.2", "1.3")
+    for version in versions:
+        wheel = build_wheel(artifacts_dir / version, "behind-lb", version)
+        answer = upload(url, wheel, "behind-lb", version)
+        assert answer.status == 200, answer.body
+    # Both replicas took uploads (least connections alternates on a fresh pool).
+    took = [sum('"method": "POST"' in line or '"method":"POST"' in line
+                for line in r.log_text().splitlines()) for r in replicas]
+    assert all(took), took
+    # Every version installs through the balancer, whichever replica took it.
+    target = tmp_path / "target"
+    for version in versions:
+        assert eventually(lambda v=version: pip_install(
+            url + "/simple/", target / v, f"behind-lb=={v}").returncode == 0, timeout=10)
