@@ -60,6 +60,10 @@ def view(kind: str, name: str) -> View:
     return View(kind, name)
 
 
+class _BecamePrivate(Exception):
+    """A remote store says the name is private now: read it again from the top."""
+
+
 class Reader:
     """Every view's read path; the stores and mirrors are shared by all views."""
 
@@ -106,6 +110,21 @@ class Reader:
             store = self.stores.get(index)
             if store is not None and store.needs_check(name):
                 await store.check(name)
+
+    async def _before_upstream(self, name: NormalizedName, view: View, config: Config) -> None:
+        """Right before a request that names the name may leave for an upstream
+        (a page not fresh in memory, a cold file): ask every remote store of the
+        group now, whatever this replica remembers. The change feed tells a
+        replica within about 2 s that a name turned private, and a remembered
+        "not private" holds for ABSENCE_TTL; neither window may let the name out
+        once an upload of it answered 200 anywhere. One small GET per upstream
+        request, never on the warm path. Raises _BecamePrivate."""
+        if not self._remote:
+            return
+        for index in self.group_of(view, config).index_names:
+            store = self.stores.get(index)
+            if store is not None and store.records.remote and await store.check(name):
+                raise _BecamePrivate(name)
 
     def _stores_unsure(self, name: NormalizedName, view: View, config: Config) -> bool:
         if not self._remote:
@@ -217,9 +236,15 @@ class Reader:
         assert isinstance(resolution, Upstreams)
         # The warm path makes no coroutine call: fresh entries in memory, and the
         # answering page already rendered for this format.
-        mirror, entry = self._walk_in_memory(name, resolution, config, now) or await self._walk(
-            name, resolution, config, (fmt, ctype), now
-        )
+        found = self._walk_in_memory(name, resolution, config, now)
+        if found is None:
+            try:
+                await self._before_upstream(name, view, config)
+            except _BecamePrivate:
+                # The store now remembers the name as private: it resolves there.
+                return await self.rendered(name, fmt, ctype, config, client, view)
+            found = await self._walk(name, resolution, config, (fmt, ctype), now)
+        mirror, entry = found
         upstream_page = entry.page
         assert upstream_page is not None
         mirror.note_served(name)
@@ -294,6 +319,15 @@ class Reader:
         to start; with redirect (a GET, storage.s3.redirect_ttl on), maybe a
         presigned URL. Only the member that answers the name in the view is
         asked. Raises NotFound, UpstreamUnavailable."""
+        try:
+            return await self._file(name, filename, config, client, view, redirect)
+        except _BecamePrivate:
+            return await self._file(name, filename, config, client, view, redirect)
+
+    async def _file(
+        self, name: NormalizedName, filename: str, config: Config, client: str,
+        view: View, redirect: bool,
+    ) -> StoredFile | RedirectFile | RemoteFile:
         is_meta = filename.endswith(METADATA_SUFFIX)
         dist_name = filename[: -len(METADATA_SUFFIX)] if is_meta else filename
         if self._stores_unsure(name, view, config):
@@ -320,15 +354,19 @@ class Reader:
         # refused here, before the cache is consulted.
         self._refuse(resolution)
         assert isinstance(resolution, Upstreams)
-        mirror, listed = await self._answering_page(name, dist_name, resolution, config)
+        mirror, listed = await self._answering_page(name, dist_name, resolution, config, view)
         entry = listed.file(dist_name)
         min_age = mirror.settings(config).min_age
         if entry is None or too_young(entry, name, config, time.time(), min_age):
             raise NotFound(f"No file {dist_name} for {name} upstream")
-        return await mirror.file(name, filename, entry, config, redirect)
+        source = await mirror.file(name, filename, entry, config, redirect)
+        if isinstance(source, RemoteFile):  # a cold file: its URL names the project
+            await self._before_upstream(name, view, config)
+        return source
 
     async def _answering_page(
         self, name: NormalizedName, filename: str, candidates: Upstreams, config: Config,
+        view: View,
     ) -> tuple[Mirror, ProjectPage]:
         """The page of the upstream that answers the name, listing the file if it
         ever did. Upstream files never change once published, so a cached page
@@ -340,6 +378,7 @@ class Reader:
             known = await mirror.known(name)
             if known is not None and known.page is not None and known.page.file(filename):
                 return mirror, known.page
+            await self._before_upstream(name, view, config)
             entry = await mirror.page(name, config)
             if entry.page is not None:
                 return mirror, entry.page

@@ -216,6 +216,7 @@ def test_once_a_name_is_private_on_one_replica_no_replica_asks_upstream_for_it(
 
 def test_a_cold_file_fetched_by_one_replica_is_served_by_the_others_from_the_bucket(
     replicas: list[ProxyServer], upstream: FakeUpstream, artifacts_dir: Path,
+    s3_bucket: Bucket,
 ) -> None:
     wheel = build_wheel(artifacts_dir / "up", "big-public", "1.0", extra_bytes=1_000_000)
     upstream.add(wheel)
@@ -227,6 +228,10 @@ def test_a_cold_file_fetched_by_one_replica_is_served_by_the_others_from_the_buc
                               orjson.loads(answer.body)["files"][0]["url"]))
     first = call(urls[0])
     assert first.status == 200 and sha256_hex(first.body) == digest
+    # Shared in the bucket right after its verification (in the background: the
+    # first client never waits for it). Single flight is per host: a replica
+    # asking in that very moment would fetch it once itself.
+    assert eventually(lambda: f"prod/artifacts/{digest}" in s3_bucket.keys("prod/artifacts/"))
     for url in urls[1:]:
         got = call(url)
         assert got.status == 200 and sha256_hex(got.body) == digest
