@@ -34,7 +34,7 @@ from .pagecache import PageCache
 from .publish import Publisher
 from .reader import Reader
 from .registry import UpstreamSpec
-from .replay import ReplayGuard
+from .replay import ReplayGuard, SharedReplay
 from .state import (
     AUTH,
     CONFIG,
@@ -393,7 +393,8 @@ async def create_app(config: Config, config_path: str | None = None) -> web.Appl
     keysets = KeySets(f"indexguard/{__version__}")
     replay = ReplayGuard(data / "oidc-jti.sqlite3")
     await asyncio.to_thread(replay.open)
-    trust = app[TRUST] = TrustedPublishing(keysets, replay, config)
+    shared_replay = SharedReplay(storage.bucket) if storage.bucket is not None else None
+    trust = app[TRUST] = TrustedPublishing(keysets, replay, config, shared_replay)
     if config.auth.trusted_publishers or config.auth.signing_key_file:
         await trust.signing_key()  # cli checked it; a worker reads the same file
     app[AUTH] = Authenticator(failures, trust)

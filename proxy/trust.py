@@ -17,15 +17,19 @@ from . import minted, oidc
 from .config import Auth, Config, TrustedPublisher
 from .errors import ServiceUnavailable
 from .jwks import IssuerUnavailable, KeySets
-from .replay import ReplayGuard
+from .replay import ReplayGuard, SharedReplay
 
 
 class TrustedPublishing:
     """Exchanges and checks tokens against the live auth config handed in per call."""
 
-    def __init__(self, keysets: KeySets, replay: ReplayGuard, config: Config) -> None:
+    def __init__(self, keysets: KeySets, replay: ReplayGuard, config: Config,
+                 shared: SharedReplay | None = None) -> None:
         self._keysets = keysets
         self._replay = replay
+        # Replicas on S3: the record every replica checks (the local one alone
+        # would let an ID token be exchanged once per host).
+        self._shared = shared
         # Where the signing key is, as at start: a reload does not move it.
         self._config = config
         self._key: bytes | None = None
@@ -69,6 +73,9 @@ class TrustedPublishing:
             # Fail closed: an unchecked token could be a replay.
             raise ServiceUnavailable("Cannot check the ID token against replays now; "
                                      "try again later") from None
+        if fresh and self._shared is not None:
+            fresh = await self._shared.claim(claims["iss"], claims["jti"],
+                                             float(claims["exp"]) + oidc.LEEWAY)
         if not fresh:
             raise oidc.Refusal("invalid-reuse-token", "oidc_replay",
                                "invalid token: already used (its jti was exchanged before)")

@@ -19,11 +19,15 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.config import S3
+from proxy.replay import SharedReplay
+from proxy.s3_bucket import Bucket as S3Bucket
 from tests.conftest import MakeProxy
 from tests.faults.helpers import Answer, basic, call, eventually, sha256_hex, upload
 from tests.support.artifacts import build_wheel
 from tests.support.clients import installed_version, pip_install, run, twine_upload, uv_bin
 from tests.support.oidc_issuer import REQUEST_TOKEN, OIDCIssuer, github_claims, gitlab_claims
+from tests.support.s3 import Bucket
 from tests.support.server import REPO_ROOT, ProxyServer
 from tests.support.tls import TLSFront
 from tests.support.upstream import FakeUpstream
@@ -352,6 +356,49 @@ def test_a_replica_with_the_same_key_file_takes_the_token(
                   user="__token__", secret=token).status == 401
     generated = other.data_dir / "oidc-mint.key"
     assert generated.stat().st_mode & 0o777 == 0o600
+
+
+def test_an_id_token_is_exchanged_once_across_replicas_on_one_bucket(
+    make_proxy: MakeProxy, issuer: OIDCIssuer, upstream: FakeUpstream, tmp_path: Path,
+    s3_bucket: Bucket,
+) -> None:
+    """Each host's own jti record would let a stolen ID token be exchanged once
+    per replica; on S3 the record is in the bucket, created only if absent."""
+    key = tmp_path / "mint.key"
+    key.write_text("a-shared-signing-key-of-more-than-32-bytes-0123456789\n")
+    key.chmod(0o600)
+    config = tp_config(issuer, upstream, signing_key_file=str(key))
+    config["storage"] = s3_bucket.storage_config(prefix="prod/")
+    one, two = (make_proxy(config, env=s3_bucket.env()) for _ in range(2))
+    id_token = issuer.mint(gitlab_claims())
+    assert mint(one, id_token)[0] == 200
+    status, body = mint(two, id_token)
+    assert status == 422 and body["errors"][0]["code"] == "invalid-reuse-token", body
+    assert metric(two, "indexguard_auth_failures_total", reason="oidc_replay") == 1
+    # Another token of the same job goes through on either replica.
+    assert mint(two, issuer.mint(gitlab_claims()))[0] == 200
+    assert len(s3_bucket.keys("prod/oidc-jti/")) == 2
+
+
+async def test_expired_exchange_markers_are_pruned_from_the_bucket(
+    s3_bucket: Bucket, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in s3_bucket.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = S3Bucket(S3(bucket=s3_bucket.name, endpoint_url=s3_bucket.endpoint_url,
+                         region="us-east-1"))
+    await bucket.open()
+    try:
+        shared = SharedReplay(bucket)
+        now = time.time()
+        assert await shared.claim("https://ci.example", "old", now - 100)
+        assert await shared.claim("https://ci.example", "new", now + 900)
+        assert not await shared.claim("https://ci.example", "new", now + 900)
+        assert await shared.prune(now) == 1
+        assert not await shared.claim("https://ci.example", "new", now + 900)
+        assert len(s3_bucket.keys("oidc-jti/")) == 1
+    finally:
+        await bucket.close()
 
 
 def test_hostile_issuer_documents_are_refused_and_nothing_else_is_asked(
