@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cache import ArtifactCache
 from .config import Config
@@ -16,11 +17,13 @@ from .fsutil import sweep_temp
 from .generation import Generation
 from .metrics import Metrics
 from .registry import LEGACY_INDEX
-from .s3_bucket import Bucket, probe
 from .storage import LocalFile
 from .storage_local import LocalRecords
-from .storage_s3 import ABSENCE_TTL, PAGE_TTL, ChangeFeed, S3Records, SharedArtifacts, run_sweeps
 from .store import PrivateStore
+
+if TYPE_CHECKING:
+    from .s3_bucket import Bucket
+    from .storage_s3 import ChangeFeed
 
 
 def store_root(data: Path, index: str) -> Path:
@@ -52,6 +55,8 @@ class Storage:
             self._scan = asyncio.create_task(self.blobs.scan())
         if self.feed is not None and self.bucket is not None:
             self.feed.start()
+            from .storage_s3 import run_sweeps  # loaded with the bucket (open_storage)
+
             self._sweeps = asyncio.create_task(run_sweeps(self.bucket, list(self.stores)))
 
     async def stop(self) -> None:
@@ -93,6 +98,11 @@ async def open_storage(config: Config, metrics: Metrics) -> Storage:
         storage = Storage(artifacts, stores, swept)
         storage.local = local
         return storage
+    # Imported for S3 only: botocore costs every process about 25 MiB and 150 ms
+    # at start, and the embedded local default never needs it.
+    from .s3_bucket import Bucket, probe
+    from .storage_s3 import ABSENCE_TTL, PAGE_TTL, ChangeFeed, S3Records, SharedArtifacts
+
     bucket = Bucket(config.storage.s3)
     await bucket.open()
     try:

@@ -35,7 +35,7 @@ from .config import SCOPES, Config, ConfigError, load_config
 from .logs import AccessLogger, setup_logging
 from .metrics import MULTIPROC_ENV
 from .minted import KeyFileError, load_key
-from .s3_bucket import Bucket, StoreRefused, probe
+from .storage import StoreRefused
 
 log = logging.getLogger("indexguard")
 EXIT_CONFIG = 2
@@ -138,6 +138,10 @@ def _refused_store(config: Config) -> str | None:
     probes again when it opens the store."""
     if config.storage.backend != "s3":
         return None
+
+    # Only here: botocore costs every process about 25 MiB and 150 ms at start,
+    # and a local store never needs it.
+    from .s3_bucket import Bucket, probe
 
     async def probe_once() -> None:
         bucket = Bucket(config.storage.s3)

@@ -15,8 +15,10 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .s3_bucket import Bucket
+if TYPE_CHECKING:
+    from .s3_bucket import Bucket
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (

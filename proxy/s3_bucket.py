@@ -27,16 +27,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from .config import S3
 from .errors import ServiceUnavailable
+from .storage import StoreRefused
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 CHUNK = 256 * 1024
-
-
-class StoreRefused(Exception):
-    """The store cannot be used (unreachable, or it ignores conditional writes):
-    one line for the operator, and the server does not start."""
 
 
 def _code(exc: ClientError) -> str:

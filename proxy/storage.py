@@ -171,3 +171,7 @@ class SharedFiles(Protocol):
         redirects are off or the file is not shared (yet). Raises ServiceUnavailable."""
         ...
 
+
+class StoreRefused(Exception):
+    """The store cannot be used (unreachable, or it ignores conditional writes):
+    one line for the operator, and the server does not start."""

@@ -4,11 +4,15 @@ the server from starting. bench/startup.py measures the time to first answer."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import MakeProxy
 from tests.faults.helpers import auth_config, call, upload
 from tests.support.artifacts import build_wheel
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_start_up_reads_no_project_and_a_crash_leftover_goes_on_first_write(
@@ -35,3 +39,29 @@ def test_start_up_reads_no_project_and_a_crash_leftover_goes_on_first_write(
     assert not orphan.exists()  # swept under the project's lock, before the commit
     page = call(proxy.index_url + "acme-kept/")
     assert page.status == 200 and b"acme_kept-9.0" not in page.body
+
+
+def test_a_local_server_never_loads_the_s3_client(tmp_path: Path) -> None:
+    """botocore costs every worker about 25 MiB and 150 ms at start; the embedded
+    local default must not pay for a backend it does not use."""
+    script = f"""
+import asyncio, sys
+from aiohttp import web
+from proxy.cli import main  # noqa: F401  (the command line's imports)
+from proxy.app import create_app
+from proxy.config import build_config
+
+async def build():
+    config = build_config({{"data_dir": {str(tmp_path / "data")!r},
+                           "upstream": {{"url": "http://127.0.0.1:9/simple/"}}}})
+    runner = web.AppRunner(await create_app(config))
+    await runner.setup()  # startup: the stores, caches and background tasks open
+    await runner.cleanup()
+
+asyncio.run(build())
+print(sorted(m for m in sys.modules if "botocore" in m))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=REPO, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
