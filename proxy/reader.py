@@ -108,7 +108,7 @@ class Reader:
         fresh is remembered (guard across replicas). Never for a local store."""
         for index in self.group_of(view, config).index_names:
             store = self.stores.get(index)
-            if store is not None and store.needs_check(name):
+            if store is not None and store.must_wait(name):
                 await store.check(name)
 
     async def _before_upstream(self, name: NormalizedName, view: View, config: Config) -> None:
@@ -130,7 +130,7 @@ class Reader:
         if not self._remote:
             return False
         return any(
-            store.needs_check(name) for index in self.group_of(view, config).index_names
+            store.must_wait(name) for index in self.group_of(view, config).index_names
             if (store := self.stores.get(index)) is not None
         )
 

@@ -10,7 +10,9 @@ the backend's change feed moves, so a warm read makes no system call at all.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,9 +21,11 @@ from typing import Literal
 from packaging.utils import NormalizedName
 
 from .dists import file_key, guess_version
-from .errors import BadRequest, FileExists, NotFound
+from .errors import BadRequest, FileExists, NotFound, ServiceUnavailable
 from .model import FileEntry, ProjectPage
 from .storage import Change, NewFile, ProjectRecords, Record, RedirectFile, StoredFile, Used
+
+log = logging.getLogger("indexguard.store")
 
 AddOutcome = Literal["stored", "duplicate"]
 # Names whose private-or-not answer is remembered between store changes.
@@ -50,6 +54,8 @@ class PrivateStore:
         # private" because the feed moved between a check and its use).
         self._seen = -1
         self._private: dict[str, tuple[bool, int, float]] = {}
+        # Remote backends: one question per name in flight, whoever asks.
+        self._checks: dict[str, asyncio.Future[bool]] = {}
 
     # --- reads -------------------------------------------------------------------
 
@@ -83,9 +89,36 @@ class PrivateStore:
         self._at_rest()
         return self._remembered(name) is None
 
+    def must_wait(self, name: NormalizedName) -> bool:
+        """needs_check() for the read path: a name asked about before is
+        answered with its last answer while a check runs behind (one per name),
+        so a warm page never waits for the bucket. What that answer may still
+        allow is bounded: no request naming the project leaves for upstream
+        without a check of its own (reader.py), and the feed or absence_ttl
+        start the check within about a second. Writers and the admin API use
+        private(), which always waits."""
+        if not self.needs_check(name):
+            return False
+        if name in self._private:
+            if name not in self._checks:
+                self._start_check(name).add_done_callback(_consume)
+            return False
+        return True
+
     async def check(self, name: NormalizedName) -> bool:
-        """Ask the backend whether the name is private now, and remember it.
-        Raises ServiceUnavailable (the store cannot say)."""
+        """Ask the backend whether the name is private now, and remember it;
+        joins a check of the name already under way. Raises ServiceUnavailable
+        (the store cannot say)."""
+        flight = self._checks.get(name) or self._start_check(name)
+        return await asyncio.shield(flight)
+
+    def _start_check(self, name: NormalizedName) -> asyncio.Future[bool]:
+        flight = asyncio.ensure_future(self._check(name))
+        self._checks[name] = flight
+        flight.add_done_callback(lambda _f: self._checks.pop(name, None))
+        return flight
+
+    async def _check(self, name: NormalizedName) -> bool:
         at_rest = self._at_rest()
         version = self._seen
         record = await self.records.learn(name)
@@ -183,9 +216,13 @@ class PrivateStore:
             return Change(Record(_with_versions(page, files), used), "stored", tuple(added))
 
         try:
-            return await self.records.commit(name, decide)
+            outcome = await self.records.commit(name, decide)
         finally:
             content.unlink(missing_ok=True)
+        if self.records.remote:
+            # This replica's readers know at once (the others from the feed).
+            self._remember(name, True, self.records.version())
+        return outcome
 
     async def _existing(self, name: NormalizedName) -> None:
         """Raises NotFound for a name that is not private (before any lock or write)."""
@@ -290,3 +327,13 @@ def _is_duplicate(page: ProjectPage, used: Used, key: str, entry: FileEntry) -> 
             "bytes: bump the version instead"
         )
     return False
+
+
+def _consume(flight: asyncio.Future[bool]) -> None:
+    """A check nobody waits for: a store that cannot answer now is asked again
+    by the next request (its last answer stands meanwhile)."""
+    if flight.cancelled():
+        return
+    exc = flight.exception()
+    if exc is not None and not isinstance(exc, ServiceUnavailable):
+        log.error("background store check failed", exc_info=exc)
