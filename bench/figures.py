@@ -188,12 +188,7 @@ def s3_mode(ctx: Ctx) -> None:
                 got = loadgen.curl_parallel(url, 1)
                 assert got.sizes == [ctx.ds.big_size], f"{name}: bad download {got}"
                 urls[name] = url
-        for _ in range(ctx.runs):
-            for name, url in urls.items():
-                with ctx.guard(f"{fig} on {name}"):
-                    ctx.res.add(fig, "MiB/s", name, _download_rate(url, ctx))
-        ctx.log(f"  {fig}: " + ", ".join(
-            f"{n} {ctx.res.median(fig, 'MiB/s', n) or 0:.0f}" for n in urls))
+        _file_runs(ctx, fig, urls)
 
 
 def _warm_page(ctx: Ctx, fig: str, started: dict[str, Server], workers: dict[str, list[int]],
@@ -252,12 +247,17 @@ def cached_file(ctx: Ctx) -> None:
                         break
                     time.sleep(0.5)
                 urls[name] = url
-        for _ in range(ctx.runs):
-            for name, url in urls.items():
-                with ctx.guard(f"cached file on {name}"):
-                    ctx.res.add(fig, "MiB/s", name, _download_rate(url, ctx))
-        ctx.log(f"  {fig}: " + ", ".join(
-            f"{n} {ctx.res.median(fig, 'MiB/s', n) or 0:.0f}" for n in urls))
+        _file_runs(ctx, fig, urls)
+
+
+def _file_runs(ctx: Ctx, fig: str, urls: dict[str, str]) -> None:
+    """Each run downloads from every server in turn: drift hits every ratio alike."""
+    for _ in range(ctx.runs):
+        for name, url in urls.items():
+            with ctx.guard(f"{fig} on {name}"):
+                ctx.res.add(fig, "MiB/s", name, _download_rate(url, ctx))
+    ctx.log(f"  {fig}: " + ", ".join(
+        f"{n} {ctx.res.median(fig, 'MiB/s', n) or 0:.0f}" for n in urls))
 
 
 def _is_cached(url: str) -> bool:

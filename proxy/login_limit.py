@@ -14,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 
+from .shared_sqlite import connect
+
 log = logging.getLogger("indexguard.auth")
 
 # Failed attempts allowed per (client, username) in a window before 429s.
@@ -59,17 +61,8 @@ class FailureLimit:
         self._counted = 0
 
     def open(self) -> None:
-        db = sqlite3.connect(self._path, timeout=5.0, isolation_level=None,
-                             check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # Losing the last failures to a power cut only forgives them early.
-            db.execute("PRAGMA synchronous=OFF")
-            db.executescript(_SCHEMA)
-        except sqlite3.Error:
-            db.close()
-            raise
-        self._db = db
+        # Losing the last failures to a power cut only forgives them early.
+        self._db = connect(self._path, _SCHEMA, "OFF")
 
     def close(self) -> None:
         with self._lock:

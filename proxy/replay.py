@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .shared_sqlite import connect
+
 if TYPE_CHECKING:
     from .s3_bucket import Bucket
 
@@ -46,17 +48,8 @@ class ReplayGuard:
         self._claimed = 0
 
     def open(self) -> None:
-        db = sqlite3.connect(self._path, timeout=5.0, isolation_level=None,
-                             check_same_thread=False)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            # Unlike the login count, losing a row would let a replay through.
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-        except sqlite3.Error:
-            db.close()
-            raise
-        self._db = db
+        # Unlike the login count, losing a row would let a replay through.
+        self._db = connect(self._path, _SCHEMA, "NORMAL")
 
     def close(self) -> None:
         with self._lock:

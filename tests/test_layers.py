@@ -12,6 +12,7 @@ ORDER = [
     "web_ops", "web_oidc", "state", "logs", "catalog", "ui_model", "description", "reader",
     "mirror", "page_memory", "answers", "publish", "guard", "resolve",
     "upstream_names", "auth", "trust", "jwks", "replay", "minted", "oidc", "login_limit",
+    "shared_sqlite",
     "cache", "pagecache", "follow", "sink",
     "download", "upstream", "metrics", "store", "storage_local", "storage_s3", "s3_bucket",
     "storage", "generation", "hashlock", "fsutil", "config",
