@@ -86,7 +86,12 @@ class Bucket:
         self._client = await stack.enter_async_context(session.create_client(
             "s3", region_name=self.config.region, endpoint_url=self.config.endpoint_url,
             config=AioConfig(
-                s3={"addressing_style": "path"} if self.config.endpoint_url else {},
+                # No sha256 of the payload for the signature (botocore computes
+                # one for http endpoints, reading the whole body on the event
+                # loop): the x-amz-checksum-sha256 header, itself signed, is how
+                # the store checks a blob's bytes.
+                s3={"payload_signing_enabled": False,
+                    **({"addressing_style": "path"} if self.config.endpoint_url else {})},
                 connect_timeout=5, read_timeout=30,
                 retries={"max_attempts": 3, "mode": "standard"},
                 # Not a CRC of every body computed on the event loop: blobs carry
