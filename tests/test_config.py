@@ -28,7 +28,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     assert config.auth.anonymous_read is False
     raw = yaml.safe_load((ROOT / "config.example.yaml").read_text())
     assert set(raw) == {"listen", "workers", "data_dir", "upstream", "cache", "limits", "auth",
-                        "guard", "log", "indexes", "upstreams", "groups", "gitlab"}
+                        "guard", "log", "indexes", "upstreams", "groups", "gitlab", "storage"}
 
 
 @pytest.mark.parametrize(("text", "expected"), [
