@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 CHUNK = 256 * 1024
+# The largest object read whole into memory (a project's record: about 0.5 KB a
+# file, so 2,000 files take ~1 MB). The bucket is shared storage, not this
+# process's: a record grown past this is refused (503), never buffered.
+MAX_OBJECT_BYTES = 64 * 2**20
 
 
 def _code(exc: ClientError) -> str:
@@ -113,14 +117,20 @@ class Bucket:
 
     async def get(self, key: str, etag: str | None = None) -> tuple[bytes, str] | str | None:
         """(body, etag); None when absent; the etag given when unchanged (304).
-        Raises ServiceUnavailable."""
+        Raises ServiceUnavailable, also for an object over MAX_OBJECT_BYTES."""
         try:
             if etag is None:
                 resp = await self.client.get_object(Bucket=self.name, Key=key)
             else:
                 resp = await self.client.get_object(Bucket=self.name, Key=key, IfNoneMatch=etag)
             async with resp["Body"] as body:
-                data = await body.read()
+                if resp["ContentLength"] > MAX_OBJECT_BYTES:
+                    raise ServiceUnavailable(f"Storage holds {key} larger than "
+                                             f"{MAX_OBJECT_BYTES} bytes; not read")
+                data = await body.read(MAX_OBJECT_BYTES + 1)
+            if len(data) > MAX_OBJECT_BYTES:
+                raise ServiceUnavailable(f"Storage holds {key} larger than "
+                                         f"{MAX_OBJECT_BYTES} bytes; not read")
             return data, resp["ETag"]
         except ClientError as exc:
             if _missing(exc):

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from packaging.utils import NormalizedName
 
-from proxy import storage_s3
+from proxy import s3_bucket, storage_s3
 from proxy.cache import ArtifactCache
 from proxy.config import S3
-from proxy.errors import BadRequest, FileExists, NotFound
+from proxy.errors import BadRequest, FileExists, NotFound, ServiceUnavailable
 from proxy.metrics import Metrics
 from proxy.model import FileEntry
 from proxy.s3_bucket import Bucket, StoreRefused, probe
@@ -325,3 +325,36 @@ async def test_a_feed_move_during_a_check_never_makes_a_private_name_public(
     assert await b.store.check(NAME)
     assert b.store.is_private(NAME)
     assert b.store.needs_check(NAME)  # and the next request asks again
+
+
+async def test_a_record_grown_past_the_bound_is_refused_not_buffered(
+    moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bucket is shared storage: a project record larger than MAX_OBJECT_BYTES
+    (anyone with write access to the bucket could put one there) is a 503 with
+    its reason, never read whole into a replica's memory."""
+    bucket_info = moto_server.bucket()
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(s3_bucket, "MAX_OBJECT_BYTES", 4096)
+    bucket = Bucket(S3(bucket=bucket_info.name, endpoint_url=bucket_info.endpoint_url,
+                       region="us-east-1"))
+    await bucket.open()
+    try:
+        feed = ChangeFeed(bucket)
+
+        async def no_tier(_sha: str) -> LocalFile | None:
+            return None
+
+        records = S3Records(bucket, "default", feed, no_tier)
+        small = b'{"name": "fits", "files": [], "used": {}}'
+        bucket_info.client().put_object(Bucket=bucket_info.name,
+                                        Key="indexes/default/projects/fits.json", Body=small)
+        assert (await records.read(NormalizedName("fits"))) is not None
+        huge = b'{"name": "huge", "files": [], "pad": "' + b"x" * 8192 + b'"}'
+        bucket_info.client().put_object(Bucket=bucket_info.name,
+                                        Key="indexes/default/projects/huge.json", Body=huge)
+        with pytest.raises(ServiceUnavailable, match="larger than 4096 bytes"):
+            await records.read(NormalizedName("huge"))
+    finally:
+        await bucket.close()
