@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
 import yaml
 
@@ -320,13 +320,19 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     return convert
 
 
-def _url(value: Any) -> str:
-    text = _str(value)
+def _split(text: str) -> SplitResult | None:
+    """The URL's parts; None when it does not parse or its port is no number."""
     try:
         parts = urlsplit(text)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
-        parts = None
+        return None
+    return parts
+
+
+def _url(value: Any) -> str:
+    text = _str(value)
+    parts = _split(text)
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http(s) URL, got {redact_url(text)!r}")
     return text if text.endswith("/") else text + "/"
@@ -543,11 +549,7 @@ def is_loopback(host: str) -> bool:
 def _issuer(value: Any) -> str:
     """An OIDC issuer: https, or http on a loopback host (tests, a local issuer)."""
     text = _str(value)
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        parts = None
+    parts = _split(text)
     if parts is None or not parts.hostname or parts.query or parts.fragment or "@" in text:
         raise ValueError(f"expected an issuer URL such as https://gitlab.example.com, "
                          f"got {redact_url(text)!r}")
