@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +33,7 @@ from tests.faults.helpers import (
     upload,
 )
 from tests.support.artifacts import build_wheel, sha256_file
+from tests.support.browser import chromium
 from tests.support.clients import (
     installed_version,
     pip_download,
@@ -50,9 +50,6 @@ from tests.test_publish import WRITER as PRIVATE_WRITER
 from tests.test_publish import WRITER_SECRET as PRIVATE_WRITER_SECRET
 from tests.test_publish import auth_config as private_auth_config
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 ADMIN_AUTH = {"Authorization": basic(ADMIN, ADMIN_SECRET)}
 # A description that would leave a trace if its script ran.
@@ -74,16 +71,7 @@ import acme_lib
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (Debian's chromium; .ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    yield from chromium()
 
 
 class Console:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -21,9 +20,9 @@ import pytest
 from tests.conftest import MakeProxy
 from tests.faults.helpers import ADMIN, ADMIN_SECRET, auth_config, basic, call, upload
 from tests.support.artifacts import build_wheel
+from tests.support.browser import chromium
 from tests.support.server import ProxyServer
 from tests.support.upstream import FakeUpstream
-from tests.test_ui import ARGS, CHROMIUM
 
 UI_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
           "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
@@ -196,18 +195,9 @@ def test_hostile_queries_paths_and_hosts(hostile: ProxyServer) -> None:
     assert simple.headers["content-security-policy"] == SIMPLE_CSP
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} is not installed (Debian's chromium; .ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+@pytest.fixture(scope="module", name="chromium")
+def chromium_fixture() -> Iterator[Any]:
+    yield from chromium()
 
 
 def test_nothing_hostile_runs_in_a_browser(hostile: ProxyServer, chromium: Any) -> None:
